@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.errors import UserError
+
 CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 """The seven ISIC 2018 / HAM10000 diagnosis classes, in ISIC 2018 column order (class index = position)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with a message meant for the person who typed the command."""
 
 
@@ -92,12 +94,13 @@ class SampleConfig(_Strict):
     per_class: int = Field(4, gt=0)
     temperature: float = Field(1.0, gt=0.0)
     batch_size: int = Field(32, gt=0)
-    num_shards: int = Field(2, gt=0, description="sample tasks (Slurm array size)")
+    num_tasks: int = Field(2, gt=0, description="sampling tasks (Slurm array size), each with its own seed")
     seed: int = 0
 
 
 class EncodeConfig(_Strict):
     batch_size: int = Field(64, gt=0)
+    num_tasks: int = Field(2, gt=0, description="encode tasks (Slurm array size), each over a subset of shards")
 
 
 class SlurmResources(_Strict):
@@ -182,7 +185,7 @@ def _smoke() -> dict[str, Any]:
         "prior": {"arch": "gated", "filters": 64, "layers": 6, "kernel_size": 5, "embed_dim": 32},
         "prior_train": {"batch_size": 32, "lr": 2e-3, "max_steps": 400, "checkpoint_every": 100,
                         "eval_every": 100, "schedule": "cosine", "augment": False},
-        "sample": {"per_class": 4, "num_shards": 2},
+        "sample": {"per_class": 4, "num_tasks": 2},
     }
 
 

@@ -1,0 +1,227 @@
+"""Self-contained HTML report of a run (finished or not), plus ``metrics.json``.
+
+    python -m launch.report RUN_DIR
+
+Reads only what the stages wrote (manifests, metrics.jsonl, PNGs) and writes
+``RUN_DIR/report/{report.html,metrics.json,*.png}``; images are embedded, so the HTML opens
+anywhere without a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import importlib.metadata
+import io
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.config import CLASSES, RunConfig, load_config
+from runtime.files import atomic_write_json, atomic_write_text, read_json
+from runtime.stages import STAGES, stage_dir
+from runtime.tracking import read_metrics
+
+_CURVES = {
+    "vqvae": [("train/loss", "training loss"), ("train/recon_mse", "training reconstruction MSE"),
+              ("val/psnr", "validation PSNR (dB)"), ("val/ssim", "validation SSIM"),
+              ("val/perplexity", "validation codebook perplexity"), ("val/code_usage", "fraction of codes used")],
+    "prior": [("train/bits_per_code", "training bits per code"), ("val/bits_per_code", "validation bits per code"),
+              ("val/sample_code_kl", "KL(data || samples) of code histograms, bits")],
+}
+_VERSIONED = ("lesion-vq", "torch", "torchvision", "accelerate", "webdataset", "submitit", "wandb", "numpy")
+
+
+def _manifest(cfg: RunConfig, stage: str) -> dict[str, Any] | None:
+    path = stage_dir(cfg, stage) / "manifest.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _png_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def _figure_png(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _curves(cfg: RunConfig, stage: str, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(stage_dir(cfg, stage) / "metrics.jsonl")
+    present = [(k, title) for k, title in _CURVES[stage] if any(k in r and r[k] is not None for r in rows)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 2.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], present, strict=True):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = _figure_png(fig, out / f"curves-{stage}.png")
+    plt.close(fig)
+    return path
+
+
+def _codebook_histogram(cfg: RunConfig, out: Path) -> tuple[Path | None, dict[str, float]]:
+    """Usage of every code over the encoded training split, sorted by frequency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prior.codes import make_code_eval_loader
+    from vqvae.metrics import codebook_usage
+
+    manifest = _manifest(cfg, "encode")
+    if manifest is None:
+        return None, {}
+    counts = np.zeros(manifest["codebook_size"], dtype=np.int64)
+    for batch in make_code_eval_loader(stage_dir(cfg, "encode") / "train", batch_size=256):
+        counts += np.bincount(batch["codes"].numpy().ravel(), minlength=counts.size)
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    ax.bar(np.arange(counts.size), np.sort(counts)[::-1], width=1.0)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("code (sorted by use)", fontsize=8)
+    ax.set_ylabel("occurrences", fontsize=8)
+    ax.set_title("codebook usage over the training split", fontsize=9)
+    path = _figure_png(fig, out / "codebook-usage.png")
+    plt.close(fig)
+    import torch
+
+    return path, codebook_usage(torch.from_numpy(counts).double())
+
+
+def collect_metrics(cfg: RunConfig) -> dict[str, Any]:
+    """Final metrics of every stage, from the same JSONL files wandb was fed."""
+    from launch.stages import stage_timings
+
+    metrics: dict[str, Any] = {"run_dir": str(cfg.run_dir), "preset": cfg.preset, "timings_s": stage_timings(cfg)}
+    for stage in ("vqvae", "prior"):
+        rows = read_metrics(stage_dir(cfg, stage) / "metrics.jsonl")
+        last: dict[str, Any] = {}
+        for row in rows:
+            last.update({k: v for k, v in row.items() if v is not None})
+        metrics[stage] = last
+    data = _manifest(cfg, "data")
+    if data is not None:
+        metrics["data"] = {k: data.get(k) for k in ("splits", "num_skipped", "image_size") if k in data}
+    sample = _manifest(cfg, "sample")
+    if sample is not None:
+        metrics["sample"] = {"num_samples": sample["num_samples"], "samples_per_s": sample["samples_per_s"]}
+    return metrics
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _data_section(cfg: RunConfig) -> str:
+    data = _manifest(cfg, "data")
+    if data is None:
+        return "<p>data stage not complete yet.</p>"
+    rows = []
+    for split in ("train", "val", "test"):
+        path = stage_dir(cfg, "data") / split / "manifest.json"
+        if path.is_file():
+            m = read_json(path)
+            rows.append([split, m["num_samples"], *(m["class_counts"].get(c, 0) for c in CLASSES)])
+    parts = [_table(["split", "images", *CLASSES], rows)]
+    skipped = data.get("skipped", [])
+    if skipped:
+        reasons: dict[str, int] = {}
+        for item in skipped:
+            reason = str(item.get("reason", "?")).split(":")[-1].strip()[:80]
+            reasons[reason] = reasons.get(reason, 0) + 1
+        parts.append(f"<p>{len(skipped)} input(s) skipped:</p>"
+                     + _table(["reason", "count"], sorted(reasons.items(), key=lambda kv: -kv[1])))
+        parts.append(_table(["id", "path", "reason"], [[s.get("id"), s.get("path"), s.get("reason")]
+                                                        for s in skipped[:50]]))
+    else:
+        parts.append("<p>no input was skipped.</p>")
+    return "\n".join(parts)
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not path.is_file():
+        return f"<p><em>{html.escape(alt)}: not available yet.</em></p>"
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png_b64(path)}">' \
+           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+
+
+def write_report(cfg: RunConfig) -> Path:
+    out = stage_dir(cfg, "report")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = collect_metrics(cfg)
+    hist_png, code_stats = _codebook_histogram(cfg, out)
+    metrics["codebook_train"] = code_stats
+    atomic_write_json(out / "metrics.json", metrics)
+
+    recon = sorted(stage_dir(cfg, "vqvae").glob("recon-step-*.png"))
+    sample_png = stage_dir(cfg, "sample") / "samples.png"
+    versions = []
+    for name in _VERSIONED:
+        try:
+            versions.append([name, importlib.metadata.version(name)])
+        except importlib.metadata.PackageNotFoundError:
+            versions.append([name, "not installed"])
+    versions.append(["python", platform.python_version()])
+    done = [s for s in STAGES if (stage_dir(cfg, s) / "manifest.json").is_file()]
+    final_rows = [[stage, key, f"{value:.4g}" if isinstance(value, float) else value]
+                  for stage in ("vqvae", "prior") for key, value in sorted(metrics[stage].items())
+                  if key.startswith("val/")]
+    body = f"""
+<h1>lesion-vq run report</h1>
+<p>run <code>{html.escape(str(cfg.run_dir))}</code>, preset <b>{html.escape(cfg.preset)}</b>;
+completed stages: {html.escape(', '.join(done) or 'none')}</p>
+<h2>Data</h2>{_data_section(cfg)}
+<h2>VQ-VAE</h2>{_img(_curves(cfg, 'vqvae', out), 'VQ-VAE training curves')}
+{_img(recon[-1] if recon else None, 'validation images (top) and reconstructions (bottom), last evaluation')}
+{_img(hist_png, 'codebook usage histogram')}
+<h2>Prior</h2>{_img(_curves(cfg, 'prior', out), 'prior training curves')}
+<h2>Samples</h2>{_img(sample_png, 'class-conditional samples, one row per class: ' + ', '.join(CLASSES))}
+<h2>Final validation metrics</h2>{_table(['stage', 'metric', 'value'], final_rows)}
+<h2>Timings</h2>{_table(['stage', 'wall seconds'], [[k, f'{v:.1f}'] for k, v in metrics['timings_s'].items()])}
+<h2>Versions</h2>{_table(['package', 'version'], versions)}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg.model_dump(mode='json'), indent=2))}</pre>
+"""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lesion-vq report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:2px 8px;font-size:90%}}
+img{{max-width:100%;image-rendering:pixelated}}figure{{margin:1em 0}}figcaption{{font-size:85%;color:#555}}
+pre{{background:#f6f6f6;padding:1em;font-size:80%;overflow:auto}}</style></head><body>{body}</body></html>"""
+    path = out / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args()
+    cfg = load_config(args.run_dir / "config.json", [f"run_dir={args.run_dir.resolve()}"])
+    path = write_report(cfg)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

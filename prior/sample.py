@@ -1,0 +1,135 @@
+"""Draw class-conditional code grids from the prior and decode them with the VQ-VAE decoder.
+
+    python prior/sample.py --config RUN_DIR/config.json [--shard-index I --num-shards N]
+
+``sample.per_class`` images of every class are split over ``N`` tasks (a Slurm array); task ``I``
+draws the samples with index ``j % N == I`` using its own seed, writes ``samples/shard-I.tar``
+(png, codes.npy, cls, json per sample) and a done-marker. The task that completes the set writes
+``samples.png`` (one row per class) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from prior.models import build_prior
+from runtime.array_task import add_task_args, is_done, mark_done, read_marker, task_slot
+from runtime.checkpoint import load_weights
+from runtime.cli import run_cli, stage_parser
+from runtime.config import CLASSES, RunConfig, config_from_args
+from runtime.files import atomic_path, atomic_write_json
+from runtime.images import save_grid
+from runtime.log import get_logger
+from runtime.seeding import torch_generator
+from runtime.stages import manifest_hash, require_manifest, stage_dir
+from vqvae.models import build_vqvae
+
+log = get_logger("sample")
+
+
+def load_models(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    vq_manifest = require_manifest(cfg, "vqvae")
+    prior_manifest = require_manifest(cfg, "prior")
+    vqvae = build_vqvae(cfg.vqvae)
+    load_weights(vqvae, stage_dir(cfg, "vqvae") / vq_manifest["weights"])
+    prior = build_prior(cfg.prior, int(prior_manifest["inputs"]["codebook_size"]), len(CLASSES))
+    load_weights(prior, stage_dir(cfg, "prior") / prior_manifest["weights"])
+    return vqvae.to(device).eval(), prior.to(device).eval(), prior_manifest
+
+
+def _png(image: torch.Tensor) -> bytes:
+    array = (image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(codes: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, codes.cpu().numpy().astype(np.int16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_task(cfg: RunConfig, index: int, count: int, device: torch.device) -> dict:
+    vqvae, prior, prior_manifest = load_models(cfg, device)
+    out_dir = stage_dir(cfg, "sample")
+    output = out_dir / f"shard-{index:06d}.tar"
+    fingerprint = f"{manifest_hash(cfg, 'prior')}:{manifest_hash(cfg, 'vqvae')}:{cfg.digest('sample')}:{count}"
+    if is_done(output, fingerprint):
+        log.info("task %d/%d: %s already complete", index, count, output.name)
+        return read_marker(output)
+    grid = tuple(prior_manifest["inputs"]["grid"])
+    wanted = [j for j in range(cfg.sample.per_class * len(CLASSES)) if j % count == index]
+    generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
+    started, written = time.perf_counter(), 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp)) as sink, torch.inference_mode(), autocast:
+        for lo in range(0, len(wanted), cfg.sample.batch_size):
+            ids = wanted[lo: lo + cfg.sample.batch_size]
+            labels = torch.tensor([j // cfg.sample.per_class for j in ids], device=device)
+            codes = prior.sample(len(ids), grid, labels if cfg.prior.conditional else None,
+                                 temperature=cfg.sample.temperature, generator=generator)
+            images = vqvae.decode_codes(codes).float()
+            for j, label, image, code in zip(ids, labels.tolist(), images, codes, strict=True):
+                meta = {"class": CLASSES[label], "task": index, "temperature": cfg.sample.temperature}
+                sink.write({"__key__": f"sample_{j:06d}", "png": _png(image), "codes.npy": _npy(code),
+                            "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+                written += 1
+    seconds = time.perf_counter() - started
+    log.info("task %d/%d: %d samples in %.1f s (%.2f samples/s)", index, count, written, seconds,
+             written / max(seconds, 1e-9))
+    return mark_done(output, fingerprint, count=written, seconds=seconds, device=str(device))
+
+
+def finalize(cfg: RunConfig, count: int) -> bool:
+    """Once every task is done: the per-class grid and the manifest. Returns whether it was written."""
+    out_dir = stage_dir(cfg, "sample")
+    outputs = [out_dir / f"shard-{i:06d}.tar" for i in range(count)]
+    markers = []
+    for output in outputs:
+        try:
+            markers.append(read_marker(output))
+        except FileNotFoundError:
+            return False
+    by_index: dict[int, torch.Tensor] = {}
+    for sample in wds.WebDataset([str(o) for o in outputs], shardshuffle=False, empty_check=False):
+        array = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        by_index[int(sample["__key__"].split("_")[1])] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    images = torch.stack([by_index[j] for j in sorted(by_index)])
+    grid_path = save_grid(images, out_dir / "samples.png", nrow=cfg.sample.per_class)
+    total_seconds = sum(m["seconds"] for m in markers)
+    atomic_write_json(out_dir / "manifest.json", {
+        "format": "lesion-vq/sample-shards/v1", "classes": list(CLASSES), "per_class": cfg.sample.per_class,
+        "num_samples": len(by_index), "temperature": cfg.sample.temperature, "grid_png": grid_path.name,
+        "shards": markers, "samples_per_s": len(by_index) / max(total_seconds, 1e-9),
+        "prior_manifest_hash": manifest_hash(cfg, "prior"), "vqvae_manifest_hash": manifest_hash(cfg, "vqvae"),
+    })
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    index, count = task_slot(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sample_task(cfg, index, count, device)
+    if finalize(cfg, count):
+        log.info("all %d tasks done: %s", count, stage_dir(cfg, "sample") / "samples.png")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser(__doc__.splitlines()[0])
+    add_task_args(p)
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, parser())

@@ -1,0 +1,114 @@
+"""Train the autoregressive prior over VQ-VAE code grids (cross-entropy over code indices).
+
+    accelerate launch [--num_processes N] prior/train.py --config RUN_DIR/config.json
+    python prior/train.py --preset smoke run_dir=runs/smoke
+
+Reads RUN_DIR/codes/manifest.json (written by vqvae/encode.py), writes RUN_DIR/prior/. Same
+checkpoint, resume, signal and logging machinery as vqvae/train.py (runtime/trainer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from prior.codes import CodeDecoder, code_histogram_kl, make_code_eval_loader
+from prior.models import build_prior
+from runtime.cli import run_cli, stage_parser
+from runtime.config import CLASSES, RunConfig, config_from_args
+from runtime.seeding import torch_generator
+from runtime.stages import manifest_hash, require_manifest, stage_dir
+from runtime.trainer import TrainPlan, train, training_digest
+
+LN2 = math.log(2)
+
+
+class PriorTask:
+    stage = "prior"
+
+    def __init__(self, cfg: RunConfig, codes_dir: Path, codes_manifest: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.codes_dir = codes_dir
+        self.codebook_size = int(codes_manifest["codebook_size"])
+        self.grid = tuple(codes_manifest["grid"])
+
+    decode = CodeDecoder()
+
+    def build_model(self) -> torch.nn.Module:
+        return build_prior(self.cfg.prior, self.codebook_size, len(CLASSES))
+
+    def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return batch["label"] if self.cfg.prior.conditional else None
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        codes = batch["codes"]
+        logits = model(codes, self._labels(batch))
+        # Cross-entropy over the code index at every position: the report instead regressed one-hot
+        # vectors with MSE, which is not a likelihood and cannot be sampled from consistently.
+        nll = F.cross_entropy(logits.float(), codes)
+        return nll, {"bits_per_code": nll.detach() / LN2}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:
+        device = next(model.parameters()).device
+        optim = self.cfg.prior_train
+        nll_sum, positions, images = 0.0, 0, 0
+        data_hist = torch.zeros(self.codebook_size, dtype=torch.float64)
+        loader = make_code_eval_loader(self.codes_dir / "val", batch_size=optim.batch_size,
+                                       max_batches=optim.eval_batches)
+        for batch in loader:
+            codes = batch["codes"].to(device)
+            labels = batch["label"].to(device) if self.cfg.prior.conditional else None
+            logits = model(codes, labels)
+            nll_sum += F.cross_entropy(logits.float(), codes, reduction="sum").item()
+            positions += codes.numel()
+            images += codes.shape[0]
+            data_hist += torch.bincount(codes.flatten().cpu(), minlength=self.codebook_size).double()
+        bits_per_code = nll_sum / max(positions, 1) / LN2
+        metrics = {"bits_per_code": bits_per_code,
+                   "bits_per_image": bits_per_code * self.grid[0] * self.grid[1],
+                   "uniform_bits_per_code": math.log2(self.codebook_size)}
+        # Class-balanced samples, compared with the data's code histogram.
+        n_classes = len(CLASSES)
+        labels = torch.arange(n_classes, device=device).repeat_interleave(2)
+        samples = model.sample(len(labels), self.grid, labels if self.cfg.prior.conditional else None,
+                               temperature=1.0, generator=torch_generator(optim.seed, "eval-sample", step))
+        sample_hist = torch.bincount(samples.flatten().cpu(), minlength=self.codebook_size).double()
+        metrics["sample_code_kl"] = code_histogram_kl(data_hist, sample_hist)
+        return metrics, {}
+
+
+def build_plan(cfg: RunConfig, resume: str, codes_dir: Path | None = None) -> tuple[PriorTask, TrainPlan]:
+    codes_dir = codes_dir or stage_dir(cfg, "encode")
+    manifest = require_manifest(cfg, "encode", codes_dir)
+    upstream = manifest_hash(cfg, "encode", codes_dir)
+    plan = TrainPlan(
+        out_dir=stage_dir(cfg, "prior"), train_split=codes_dir / "train",
+        num_train_samples=int(manifest["splits"]["train"]["num_samples"]), optim=cfg.prior_train, config=cfg,
+        digest=training_digest(cfg, "prior", "prior_train", upstream),
+        inputs={"codes_manifest": str(codes_dir / "manifest.json"), "codes_manifest_hash": upstream,
+                "codebook_size": manifest["codebook_size"], "grid": manifest["grid"]},
+        resume=resume)
+    return PriorTask(cfg, codes_dir, manifest), plan
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    task, plan = build_plan(cfg, args.resume, args.codes)
+    return train(task, plan)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint dir")
+    p.add_argument("--codes", type=Path, help="code shard directory (default: RUN_DIR/codes)")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, parser())

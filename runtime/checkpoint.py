@@ -1,0 +1,182 @@
+"""Atomic, pickle-free training checkpoints.
+
+A checkpoint is a directory ``checkpoints/step-00000123/`` holding
+
+- ``model.safetensors``: model weights and buffers (safetensors: no code can hide in it),
+- ``optimizer.pt``: optimizer state, tensors and plain containers only (loaded with ``weights_only=True``),
+- ``rng.pt``: torch RNG state (same rules),
+- ``state.json``: step, epoch, position in the epoch, config digest and the sha256 of every file above.
+
+It is written under a temporary directory name and renamed in one ``os.replace``, so a kill at any
+moment leaves either a complete checkpoint or a ``*.tmp-*`` directory that is never read. Loading
+re-hashes the files, so a checkpoint damaged after the fact is skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from runtime.errors import UserError
+from runtime.files import TMP_MARK, sha256_file
+from runtime.log import get_logger
+
+log = get_logger(__name__)
+
+STEP_PREFIX = "step-"
+_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    config_digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights, views).
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Weights alone (for encode / sample), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(_model_tensors(model), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"cannot read weights {path}: {err}") from err
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights {path} do not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]} (was it trained with another config?)"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng_json() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _restore_rng(tensors: dict[str, Any], py: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    version, internal, gauss = py["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = py["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, keep: int = 3) -> Path:
+    """Write ``directory/step-XXXXXXXX`` atomically and prune all but the newest ``keep``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{STEP_PREFIX}{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}", dir=directory))
+    try:
+        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        meta = asdict(state) | {"rng_python": _python_rng_json(),
+                                "sha256": {name: sha256_file(tmp / name) for name in _FILES}}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete-looking checkpoint dirs, oldest first (temporary dirs are never listed)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir()
+             if p.is_dir() and p.name.startswith(STEP_PREFIX) and TMP_MARK not in p.name
+             and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return its state.json if every file is present and matches its recorded sha256."""
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: state.json missing")
+    meta = json.loads(state_file.read_text())
+    for name in _FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} missing")
+        if sha256_file(path / name) != meta["sha256"][name]:
+            raise CheckpointError(f"{path}: {name} does not match its recorded sha256 (damaged)")
+    return meta
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except (CheckpointError, json.JSONDecodeError, KeyError) as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    meta = verify_checkpoint(path)
+    load_weights(model, path / "model.safetensors")
+    try:
+        # weights_only=True: a checkpoint carrying a pickled object (code) is refused, never run.
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: refusing to load (not a plain tensor checkpoint): {err}") from err
+    _restore_rng(rng, meta["rng_python"])
+    return TrainState(step=meta["step"], epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
+                      config_digest=meta["config_digest"], extra=meta.get("extra", {}))

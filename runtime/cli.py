@@ -1,0 +1,35 @@
+"""Shared command-line behaviour: config arguments, and expected failures as one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from runtime.config import add_config_args
+from runtime.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    return parser
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> NoReturn:
+    """Parse, run, and turn the errors a user can fix into a message and a status, not a traceback."""
+    from runtime.trainer import NonFiniteLossError
+
+    args = parser.parse_args()
+    try:
+        sys.exit(main(args))
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,91 @@
+"""Image file checks and the one conversion every stored image goes through.
+
+Stored images are resized to ``image_size`` square (like the report's ``Resize((256, 256))``) and
+JPEG-encoded once at pack time: decoding a 256x256 JPEG is several times cheaper than decoding
+the 600x450 original and resizing it every epoch (see ``bench/data_loading.py``), and training
+never needs the originals.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+
+MAX_PIXELS = 120_000_000
+"""Decompression-bomb guard: larger images are refused before their pixels are decoded (ISIC 2019's
+largest are about 24 MP; PIL's own default warning threshold is 89 MP)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ImageRejected(ValueError):
+    """An input image that cannot be used; the message is the reason recorded in the manifest."""
+
+
+def key_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be a webdataset ``__key__`` (None when it can).
+
+    webdataset splits member names at the first dot into key and extension and treats '/' as a
+    path, so ids with dots, slashes or '..' would silently merge or split samples.
+    """
+    if not image_id or image_id.strip() != image_id:
+        return f"id {image_id!r} is empty or has leading/trailing whitespace"
+    for bad in ("/", "\\", "..", "."):
+        if bad in image_id:
+            return f"id {image_id!r} contains {bad!r}, which breaks webdataset key grouping"
+    if image_id.startswith("__") or _CONTROL.search(image_id):
+        return f"id {image_id!r} starts with '__' or has control characters (reserved by webdataset)"
+    return None
+
+
+def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str]:
+    """Fully decode image bytes to RGB; returns (image, source format such as "JPEG" or "PNG").
+    Raises ImageRejected naming ``where`` and the reason."""
+    if not data:
+        raise ImageRejected(f"{where}: zero-byte file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > MAX_PIXELS:  # checked from the header, before decoding any pixel
+            raise ImageRejected(f"{where}: {width}x{height} = {width * height} pixels exceeds the "
+                                f"decompression-bomb limit of {MAX_PIXELS}")
+        fmt = str(img.format)
+        img.load()  # full decode: truncated / corrupt data fails here, not during training
+        img = ImageOps.exif_transpose(img)
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageRejected(f"{where}: cannot decode image ({type(err).__name__}: {err})") from None
+    # CMYK, grayscale, palette and RGBA inputs all become plain RGB (alpha is dropped).
+    return (img if img.mode == "RGB" else img.convert("RGB")), fmt
+
+
+def to_stored_jpeg(img: Image.Image, size: int, quality: int) -> bytes:
+    """Resize to size x size (aspect not kept, as in the report) and encode as JPEG."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def array_to_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def read_image_file(path: Path, size: int, quality: int) -> tuple[bytes, dict[str, object]]:
+    """Verify, convert and re-encode one source image; returns (jpeg bytes, facts for the metadata)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageRejected(f"{path}: unreadable ({err.strerror or err})") from None
+    img, fmt = load_rgb(data, str(path))
+    return to_stored_jpeg(img, size, quality), {"original_size": list(img.size), "original_format": fmt}

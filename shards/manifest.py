@@ -1,0 +1,75 @@
+"""Manifests: what a split holds, and the checks that its shards are the ones that were written.
+
+``OUT/<split>/manifest.json`` lists every shard with its sample count, size and sha256;
+``OUT/manifest.json`` summarises all splits and is written last, so its presence means the data
+stage finished.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from runtime.files import sha256_file
+
+FORMAT = "lesion-vq/image-shards/v1"
+CODE_FORMAT = "lesion-vq/code-shards/v1"
+"""Code shards (vqvae/encode.py) share the split layout, so the same loader and checks read them."""
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A split or output folder without a complete, readable manifest."""
+
+
+def tool_version() -> str:
+    try:
+        return version("lesion-vq")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(split_dir: Path) -> dict[str, Any]:
+    """The manifest of ``split_dir`` (a split folder or the top-level output folder)."""
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: {split_dir} was never packed completely "
+                            "(packing writes the manifest last; rerun the pack step)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is unreadable or incomplete: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, CODE_FORMAT):
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{path} has format {got!r}; expected {FORMAT!r} or {CODE_FORMAT!r}")
+    return manifest
+
+
+def shard_paths(split_dir: Path) -> list[Path]:
+    """Shard files of a split, in manifest order."""
+    return [Path(split_dir) / s["name"] for s in read_manifest(split_dir)["shards"]]
+
+
+def describe_shard(path: Path, count: int) -> dict[str, Any]:
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_shards(split_dir: Path) -> list[str]:
+    """Problems with a split's shards (missing file, size or sha256 mismatch); empty when intact."""
+    problems = []
+    for shard in read_manifest(split_dir)["shards"]:
+        path = Path(split_dir) / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(f"{path}: size {path.stat().st_size} != manifest {shard['bytes']}")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (modified or corrupted)")
+    return problems

@@ -1,0 +1,231 @@
+"""Pack images into WebDataset tar shards: ``OUT/{train,val,test}/shard-%06d.tar`` + manifests.
+
+Crash safety: each shard is written under a temporary name and renamed when closed, each split
+manifest is written atomically after its shards, and ``OUT/manifest.json`` is written last. A
+rerun whose inputs and options hash matches an intact output returns at once; any other rerun
+first deletes the top-level manifest and the old splits, then rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import webdataset as wds
+from tqdm import tqdm
+
+from runtime.config import CLASSES, ConfigError, DataConfig
+from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps
+from runtime.log import get_logger
+from runtime.seeding import derive_seed, numpy_rng
+from shards.encode import Encoded, Job, encode_job
+from shards.ingest import Ingested, ingest, summarise
+from shards.manifest import (
+    FORMAT,
+    MANIFEST,
+    ManifestError,
+    describe_shard,
+    now_iso,
+    read_manifest,
+    tool_version,
+    verify_shards,
+)
+from shards.split import SPLITS, Item, split_by_lesion
+from shards.synth import class_sequence, synth_id
+
+log = get_logger(__name__)
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+class _Sink:
+    """A ShardWriter whose shards appear under their final name only once complete."""
+
+    def __init__(self, split_dir: Path, cfg: DataConfig) -> None:
+        self.split_dir = split_dir
+        self.handles: dict[str, BinaryIO] = {}
+        self.shards: list[dict[str, Any]] = []
+        # mtime=0 makes the tar bytes (and sha256) depend only on the samples.
+        self.writer = wds.ShardWriter(str(split_dir / SHARD_PATTERN), maxcount=cfg.shard_max_count,
+                                      maxsize=cfg.shard_max_bytes, verbose=0, encoder=False, mtime=0,
+                                      opener=self._open, post=self._close)
+
+    def _open(self, fname: str) -> BinaryIO:
+        handle = open(f"{fname}{TMP_MARK}writing", "wb")  # noqa: SIM115 - closed in _close
+        self.handles[fname] = handle
+        return handle
+
+    def _close(self, fname: str) -> None:
+        handle = self.handles.pop(fname)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        count = self.writer.count
+        if count == 0:  # ShardWriter opens its first shard eagerly, even for an empty split
+            os.unlink(handle.name)
+            return
+        os.replace(handle.name, fname)
+        self.shards.append(describe_shard(Path(fname), count))
+
+    def write(self, sample: dict[str, bytes | str]) -> None:
+        self.writer.write(sample)
+
+    def close(self) -> list[dict[str, Any]]:
+        self.writer.close()
+        return self.shards
+
+
+def _encoded(jobs: list[Job], cfg: DataConfig, root: Path | None) -> Iterator[Encoded]:
+    """Encode jobs in order, on all cores.
+
+    Fork, where available: the workers only run numpy / PIL code, and spawned workers would spend
+    seconds re-importing torch (pulled in by runtime.seeding) before the first image.
+    """
+    work = partial(encode_job, size=cfg.image_size, quality=cfg.jpeg_quality,
+                   hair_probability=cfg.hair_probability, root=root)
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers == 1:
+        yield from map(work, jobs)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(work, jobs, chunksize=8)
+
+
+def _counted(items: Iterable[Encoded], bar: tqdm) -> Iterator[Encoded]:
+    for item in items:
+        bar.update()
+        yield item
+
+
+def _write_split(out_dir: Path, split: str, encoded: Iterable[Encoded], cfg: DataConfig,
+                 common: dict[str, Any]) -> dict[str, Any]:
+    split_dir = out_dir / split
+    split_dir.mkdir(parents=True)
+    sink = _Sink(split_dir, cfg)
+    counts: Counter[str] = Counter()
+    skipped = []
+    for result in encoded:
+        if result.sample is None:
+            skipped.append({"id": result.job.image_id, "path": str(result.job.source), "kind": "unreadable",
+                            "reason": str(result.reason)})
+            log.warning("skipped %s: %s", result.job.image_id, result.reason)
+            continue
+        sink.write(result.sample)
+        counts[CLASSES[result.job.label]] += 1
+    manifest = {**common, "split": split, "shards": sink.close(), "num_samples": sum(counts.values()),
+                "class_counts": {c: counts[c] for c in CLASSES}, "skipped": skipped, "created": now_iso()}
+    atomic_write_json(split_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove a previous (complete or killed) output: top-level marker first, then the splits."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for split in SPLITS:
+        split_dir = out_dir / split
+        if split_dir.exists():
+            (split_dir / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(split_dir)
+    if out_dir.exists():
+        remove_stale_temps(out_dir)
+
+
+def _up_to_date(out_dir: Path, inputs_hash: str) -> dict[str, Any] | None:
+    try:
+        manifest = read_manifest(out_dir)
+    except ManifestError:
+        return None
+    if manifest.get("inputs_hash") != inputs_hash:
+        log.info("%s was packed from other inputs or options; rebuilding", out_dir)
+        return None
+    problems = [p for split in manifest["splits"] for p in verify_shards(out_dir / split)]
+    if problems:
+        log.warning("%s is damaged (%s); rebuilding", out_dir, "; ".join(problems[:3]))
+        return None
+    return manifest
+
+
+def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[dict[str, str]],
+          source: str, fingerprint: Any, root: Path | None) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    # Options that change the bytes written; ``workers`` does not.
+    options = cfg.model_dump(mode="json", exclude={"workers"})
+    inputs_hash = hashlib.sha256(json.dumps([FORMAT, options, fingerprint], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
+    done = _up_to_date(out_dir, inputs_hash)
+    if done is not None:
+        log.info("%s is up to date (inputs hash %s); nothing to do", out_dir, inputs_hash)
+        return done
+    _clear(out_dir)
+    if ingest_skipped:
+        log.warning("skipped before packing: %s", summarise(ingest_skipped))
+
+    assignment = split_by_lesion([Item(j.image_id, j.label, j.lesion_id) for j in jobs],
+                                 cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    by_id = {j.image_id: j for j in jobs}
+    common = {"format": FORMAT, "classes": list(CLASSES), "image_size": cfg.image_size, "source": source,
+              "options": options, "tool_version": tool_version()}
+    ordered = {}
+    for split in SPLITS:
+        ordered[split] = [by_id[i] for i in assignment[split]]
+        # Shuffled (seeded) so every shard mixes classes and lesions.
+        numpy_rng(cfg.seed, "pack-order", split).shuffle(ordered[split])
+    all_jobs = [job for split_jobs in ordered.values() for job in split_jobs]
+    splits = {}
+    with tqdm(total=len(all_jobs), desc=f"pack {out_dir.name}", unit="img", mininterval=1.0) as bar:
+        results = _encoded(all_jobs, cfg, root)  # one pool for all splits, results in job order
+        for split, split_jobs in ordered.items():
+            encoded = _counted(islice(results, len(split_jobs)), bar)
+            splits[split] = _write_split(out_dir, split, encoded, cfg, common)
+
+    unreadable = [s for m in splits.values() for s in m["skipped"]]
+    manifest = {**common, "inputs_hash": inputs_hash, "created": now_iso(),
+                "splits": {name: {"num_samples": m["num_samples"], "class_counts": m["class_counts"],
+                                  "shards": len(m["shards"])} for name, m in splits.items()},
+                "found": len(jobs) + len(ingest_skipped),
+                "skipped_counts": dict(Counter(s["kind"] for s in ingest_skipped + unreadable)),
+                "skipped": ingest_skipped + unreadable}
+    atomic_write_json(out_dir / MANIFEST, manifest)  # last: marks the data stage complete
+    log.info("packed %s: %s; skipped: %s", out_dir,
+             ", ".join(f"{k}={v['num_samples']}" for k, v in manifest["splits"].items()),
+             summarise(manifest["skipped"]))
+    return manifest
+
+
+def pack_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+    """Render ``cfg.num_images`` balanced synthetic lesions and pack them; returns the top manifest."""
+    labels = class_sequence(cfg.num_images, cfg.seed)
+    jobs = [Job(synth_id(i), int(label), synth_id(i), None, {}, derive_seed(cfg.seed, i))
+            for i, label in enumerate(labels)]
+    source = f"synthetic: {cfg.num_images} procedural lesions (shards.synth), seed {cfg.seed}"
+    return _pack(cfg, out_dir, jobs, [], source, "synthetic", None)
+
+
+def _fingerprint(found: Ingested, images: Path, csv_path: Path | None) -> dict[str, Any]:
+    """What the output depends on besides the options: the CSV bytes and every file's size/mtime."""
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    return {"layout": found.layout,
+            "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest() if csv_path else None,
+            "files": [[str(p.relative_to(images)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def pack_isic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+    """Ingest ``cfg.isic_images`` (+ ``cfg.isic_csv``), split by lesion and pack; returns the top manifest.
+
+    Raises IngestError for unusable input (layout not recognised, no images)."""
+    if cfg.isic_images is None:
+        raise ConfigError("pack_isic needs data.isic_images=/path/to/images (and usually data.isic_csv=...)")
+    images = Path(cfg.isic_images)
+    found = ingest(images, cfg.isic_csv)
+    jobs = [Job(r.image_id, r.label, r.lesion_id, r.path, r.row) for r in found.records]
+    return _pack(cfg, out_dir, jobs, found.skipped, found.description,
+                 _fingerprint(found, images, cfg.isic_csv), images)

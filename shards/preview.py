@@ -1,0 +1,37 @@
+"""Grid PNG of stored images, one row per class (for ``inspect`` and the README)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from webdataset.tariterators import tarfile_samples
+
+from runtime.config import CLASSES
+from runtime.files import atomic_path
+from shards.manifest import shard_paths
+
+_LABEL_WIDTH = 56
+
+
+def preview_grid(split_dir: Path, out_png: Path, per_class: int = 8, cell: int = 64) -> Path:
+    """Write the first ``per_class`` images of every class in ``split_dir`` as a labelled grid."""
+    rows: dict[int, list[Image.Image]] = {i: [] for i in range(len(CLASSES))}
+    samples = tarfile_samples({"url": str(p)} for p in shard_paths(split_dir))
+    for sample in samples:
+        label = int(sample["cls"].decode("ascii"))  # only jpg/cls are read: nothing is unpickled
+        if len(rows[label]) < per_class:
+            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            rows[label].append(img.resize((cell, cell), Image.BILINEAR))
+        if all(len(r) >= per_class for r in rows.values()):
+            break
+    grid = Image.new("RGB", (_LABEL_WIDTH + per_class * cell, len(CLASSES) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for label, images in rows.items():
+        draw.text((4, label * cell + cell // 2 - 6), CLASSES[label], fill="black")
+        for col, img in enumerate(images):
+            grid.paste(img, (_LABEL_WIDTH + col * cell, label * cell))
+    with atomic_path(Path(out_png)) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(out_png)

@@ -1,0 +1,51 @@
+"""Shared pytest fixtures.
+
+* ``shared_data``: the read-only real data folder ``<repo>/../shared/data`` (HAM10000 / ISIC
+  metadata CSVs and two sample images). Skips the test when absent, or fails instead when the
+  environment sets ``LESION_VQ_REQUIRE_SHARED=1`` (CI machines that must have it).
+* ``pack_synth``: factory ``pack_synth(out_dir, **data_overrides) -> Path`` that packs a small
+  synthetic data set (real tar shards) with ``shards.pack.pack_synthetic``.
+* ``synth_shards``: one such data set per session (100 images at 32 px, 13 per shard so shard
+  sizes are uneven), for tests that only read shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.config import DataConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if SHARED_DATA.is_dir():
+        return SHARED_DATA
+    reason = f"real test data not found at {SHARED_DATA} (the shared/ folder beside the repository)"
+    if os.environ.get("LESION_VQ_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{reason}; LESION_VQ_REQUIRE_SHARED=1 requires it")
+    pytest.skip(reason)
+
+
+def _pack_synth(out_dir: Path, **overrides: Any) -> Path:
+    from shards.pack import pack_synthetic
+
+    options = {"num_images": 100, "image_size": 32, "shard_max_count": 13, "workers": 1, **overrides}
+    pack_synthetic(DataConfig(**options), out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def pack_synth() -> Callable[..., Path]:
+    return _pack_synth
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack_synth(tmp_path_factory.mktemp("synth-shards"))

@@ -1,0 +1,151 @@
+"""Turn image shards into code shards with a trained VQ-VAE.
+
+    python vqvae/encode.py --config RUN_DIR/config.json [--shard-index I --num-shards N]
+    accelerate launch --num_processes N vqvae/encode.py --config RUN_DIR/config.json
+
+Every input shard ``data/SPLIT/shard-K.tar`` becomes ``codes/SPLIT/shard-K.tar`` with, per image,
+the same ``__key__``, ``codes.npy`` (int16 grid, read back with ``allow_pickle=False``), ``cls`` and
+``json``. Task I of N takes every N-th input shard; outputs that are already complete for the same
+checkpoint are skipped. The task that completes the set writes ``codes/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from runtime.array_task import add_task_args, is_done, mark_done, read_marker, task_slot
+from runtime.checkpoint import load_weights
+from runtime.cli import run_cli, stage_parser
+from runtime.config import CLASSES, RunConfig, config_from_args
+from runtime.files import atomic_path, atomic_write_json
+from runtime.log import get_logger
+from runtime.stages import manifest_hash, require_manifest, stage_dir
+from shards.loader import ImageDecoder
+from shards.manifest import CODE_FORMAT, ManifestError, read_manifest
+from shards.stream import ShardStream, collate
+from vqvae.models import build_vqvae
+
+log = get_logger("encode")
+SPLITS = ("train", "val", "test")
+
+
+def _npy(codes: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, codes.astype(np.int16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def work_items(data_dir: Path) -> list[tuple[str, str, int]]:
+    """(split, shard name, samples) for every input shard, in a fixed order every task agrees on."""
+    return [(split, shard["name"], shard["count"]) for split in SPLITS
+            if (data_dir / split / "manifest.json").is_file()
+            for shard in read_manifest(data_dir / split)["shards"]]
+
+
+class _WithMetadata(ImageDecoder):
+    """The validation-time image decoding (no augmentation), keeping the sample's metadata JSON."""
+
+    def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
+        return super().__call__(key, members, epoch) | {"json": members.get("json", b"{}")}
+
+
+def encode_shard(model: torch.nn.Module, source: Path, count: int, output: Path, image_size: int,
+                 batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
+    """Encode one shard (batched, no augmentation); returns (samples, per-class counts)."""
+    class_counts = dict.fromkeys(CLASSES, 0)
+    written = 0
+    stream = ShardStream(shards=[source], shard_counts=[count], num_samples=count, batch_size=batch_size,
+                         decode=_WithMetadata(image_size, augment=False, seed=0), collate=collate, shuffle=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp)) as sink, torch.inference_mode(), autocast:
+        for batch in stream:
+            if not batch["key"]:
+                continue
+            codes = model.encode(batch["image"].to(device)).cpu().numpy()
+            for key, label, meta, grid in zip(batch["key"], batch["label"].tolist(), batch["json"], codes,
+                                              strict=True):
+                sink.write({"__key__": key, "codes.npy": _npy(grid), "cls": str(label).encode(), "json": meta})
+                class_counts[CLASSES[label]] += 1
+                written += 1
+    if stream.stats:
+        raise ManifestError(f"{source}: {dict(stream.stats)} damaged sample(s); check it with "
+                         "`python -m shards inspect` and repack rather than encode an incomplete split")
+    return written, class_counts
+
+
+def finalize(cfg: RunConfig, items: list[tuple[str, str, int]], grid: tuple[int, int], ckpt: str) -> bool:
+    """When every output is complete for this checkpoint: per-split and top-level manifests."""
+    out_dir = stage_dir(cfg, "encode")
+    splits: dict[str, Any] = {}
+    for split, name, _ in items:
+        output = out_dir / split / name
+        if not is_done(output, ckpt):
+            return False
+        marker = read_marker(output)
+        entry = splits.setdefault(split, {"num_samples": 0, "shards": [], "class_counts": dict.fromkeys(CLASSES, 0)})
+        entry["num_samples"] += marker["count"]
+        entry["shards"].append({k: marker[k] for k in ("name", "count", "bytes", "sha256")})
+        for cls, n in marker["class_counts"].items():
+            entry["class_counts"][cls] += n
+    common = {"codebook_size": cfg.vqvae.codebook_size, "grid": list(grid), "checkpoint_sha256": ckpt,
+              "classes": list(CLASSES)}
+    for split, entry in splits.items():
+        atomic_write_json(out_dir / split / "manifest.json",
+                          {"format": CODE_FORMAT, "split": split, **common, **entry})
+    atomic_write_json(out_dir / "manifest.json", {
+        "format": CODE_FORMAT, **common,
+        "data_manifest_hash": manifest_hash(cfg, "data"), "vqvae_manifest_hash": manifest_hash(cfg, "vqvae"),
+        "splits": {s: {"num_samples": e["num_samples"], "class_counts": e["class_counts"]} for s, e in splits.items()},
+    })
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    index, count = task_slot(args)
+    data_dir = stage_dir(cfg, "data")
+    require_manifest(cfg, "data")
+    vq_manifest = require_manifest(cfg, "vqvae")
+    ckpt = vq_manifest["weights_sha256"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_vqvae(cfg.vqvae)
+    load_weights(model, stage_dir(cfg, "vqvae") / vq_manifest["weights"])
+    model.to(device).eval()
+    grid = model.code_grid(cfg.data.image_size)
+
+    items = work_items(data_dir)
+    mine = items[index::count]
+    started, total = time.perf_counter(), 0
+    for split, name, count_in in mine:
+        output = stage_dir(cfg, "encode") / split / name
+        if is_done(output, ckpt):
+            log.info("%s/%s: already encoded with this checkpoint, skipped", split, name)
+            continue
+        n, class_counts = encode_shard(model, data_dir / split / name, count_in, output, cfg.data.image_size,
+                                       cfg.encode.batch_size, device)
+        mark_done(output, ckpt, count=n, class_counts=class_counts)
+        total += n
+    seconds = time.perf_counter() - started
+    log.info("task %d/%d: %d images in %.1f s (%.1f images/s)", index, count, total, seconds,
+             total / max(seconds, 1e-9))
+    if finalize(cfg, items, grid, ckpt):
+        log.info("all shards encoded: %s", stage_dir(cfg, "encode") / "manifest.json")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser(__doc__.splitlines()[0])
+    add_task_args(p)
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, parser())

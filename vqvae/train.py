@@ -1,0 +1,100 @@
+"""Train the VQ-VAE on image shards.
+
+    accelerate launch [--num_processes N] vqvae/train.py --config RUN_DIR/config.json   # DDP
+    python vqvae/train.py --preset smoke run_dir=runs/smoke                              # one device
+
+Reads the data stage's manifest under RUN_DIR/data, writes RUN_DIR/vqvae/{checkpoints,final,
+metrics.jsonl,recon-*.png,manifest.json}. Exit status 75 means "checkpointed on a stop signal,
+requeue me"; ``--resume auto`` (the default) continues from the newest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from runtime.cli import run_cli, stage_parser
+from runtime.config import RunConfig, config_from_args
+from runtime.images import save_grid
+from runtime.stages import manifest_hash, require_manifest, stage_dir
+from runtime.trainer import TrainPlan, train, training_digest
+from shards.loader import make_eval_loader
+from shards.manifest import read_manifest
+from vqvae.metrics import ReconstructionMeter
+from vqvae.models import build_vqvae, count_parameters
+
+
+class VQVAETask:
+    stage = "vqvae"
+    decode = None  # images: the loader's own decoding and augmentation
+
+    def __init__(self, cfg: RunConfig, val_split: Path) -> None:
+        self.cfg = cfg
+        self.val_split = val_split
+
+    def build_model(self) -> torch.nn.Module:
+        return build_vqvae(self.cfg.vqvae)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"]
+        out = model(images)
+        # Targets are the [0, 1] images themselves: the decoder ends in a sigmoid (the report fed
+        # ImageNet-normalised targets to a sigmoid output, which it can never match).
+        recon_mse = F.mse_loss(out.recon.float(), images.float())
+        return recon_mse + out.loss, {"recon_mse": recon_mse, **out.stats}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:
+        device = next(model.parameters()).device
+        meter = ReconstructionMeter(self.cfg.vqvae.codebook_size)
+        grid_path = None
+        optim = self.cfg.vqvae_train
+        loader = make_eval_loader(self.val_split, batch_size=optim.batch_size, max_batches=optim.eval_batches)
+        for batch in loader:
+            images = batch["image"].to(device)
+            out = model(images)
+            meter.update(images, out.recon, out.codes)
+            if grid_path is None:  # originals above, reconstructions below
+                n = min(8, images.shape[0])
+                grid_path = save_grid(torch.cat([images[:n], out.recon[:n].float()]),
+                                      out_dir / f"recon-step-{step:07d}.png", nrow=n)
+        images_out = {"val/reconstructions": grid_path} if grid_path else {}
+        return meter.result(), images_out
+
+
+def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tuple[VQVAETask, TrainPlan]:
+    data_dir = data_dir or stage_dir(cfg, "data")
+    require_manifest(cfg, "data", data_dir)
+    train_split = data_dir / "train"
+    upstream = manifest_hash(cfg, "data", data_dir)
+    plan = TrainPlan(
+        out_dir=stage_dir(cfg, "vqvae"), train_split=train_split,
+        num_train_samples=read_manifest(train_split)["num_samples"], optim=cfg.vqvae_train, config=cfg,
+        digest=training_digest(cfg, "vqvae", "vqvae_train", upstream),
+        inputs={"data_manifest": str(data_dir / "manifest.json"), "data_manifest_hash": upstream}, resume=resume)
+    return VQVAETask(cfg, data_dir / "val"), plan
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.print_params:
+        print(f"{cfg.vqvae.arch} VQ-VAE parameters: {count_parameters(build_vqvae(cfg.vqvae)):,}")
+        return 0
+    task, plan = build_plan(cfg, args.resume, args.data)
+    return train(task, plan)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint dir")
+    p.add_argument("--data", type=Path, help="image shard directory (default: RUN_DIR/data)")
+    p.add_argument("--print-params", action="store_true", help="print the parameter count and exit")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, parser())
