@@ -1,32 +1,72 @@
 """Submit the pipeline to Slurm through submitit: one job per stage, arrays for encode and sample,
 chained with ``afterok`` so the whole chain is queued in one call.
 
-Pre-emption: submitit asks Slurm for ``--signal=USR2@N`` and, on that signal, calls
-:meth:`StageJob.checkpoint` and requeues the job. The training workers get the same signal (Slurm
-signals every process of the job step), save a checkpoint at the next step boundary and exit 75;
-``checkpoint`` waits for that before letting submitit requeue, and the requeued job resumes from
-the checkpoint (``--resume auto``).
+    python launch/pipeline.py --cluster --config RUN_DIR/config.json          # queue, print job ids
+    python launch/pipeline.py --cluster --wait --config RUN_DIR/config.json   # ... and follow them
+
+What is submitted: every selected stage that is not up to date, plus everything downstream of a
+stage that is submitted (its inputs are about to change). A rerun after a failure therefore
+resubmits only the failed stage and what depends on it.
+
+Where things land: submitit's files and each job's log under ``RUN_DIR/slurm/STAGE/JOBID/``
+(``JOBID_0_log.out`` / ``.err``; array tasks ``JOBID_I/JOBID_I_0_log.*``), the job ids of the last
+submission in ``RUN_DIR/.pipeline/jobs.json``.
+
+Pre-emption: submitit asks Slurm for ``--signal=USR2@N`` (``cluster.signal`` / ``signal_delay_s``).
+Slurm signals every process of the job step: the training workers save a checkpoint at the next
+step boundary and exit 75, while submitit's handler calls :meth:`StageJob.checkpoint`, which waits
+for the workers to finish that checkpoint before submitit requeues the job. The requeued job (same
+id, ``SLURM_RESTART_COUNT`` + 1) resumes from the checkpoint (``--resume auto``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.slurm.slurm import SlurmJobEnvironment
 
-from launch.stages import TRAINING, is_up_to_date, mark_stage_done, prepare_stage, stage_command, stage_specs
+from launch.stages import (
+    TRAINING,
+    _record_path,
+    is_up_to_date,
+    mark_stage_done,
+    prepare_stage,
+    stage_command,
+    stage_specs,
+)
 from runtime.config import RunConfig, SlurmResources, load_config
+from runtime.errors import UserError
+from runtime.files import atomic_write_json
 from runtime.launcher import REPO_ROOT
 from runtime.log import get_logger
 from runtime.signals import EXIT_REQUEUE
 from runtime.stages import stage_dir
 
 log = get_logger("cluster")
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE")
+
+
+class ClusterError(UserError):
+    pass
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the child has exited. Also true for an unreaped child (a zombie): inside a signal handler
+    that interrupted ``poll()``, Popen's internal lock is held and ``poll()`` cannot tell."""
+    if proc.returncode is not None or proc.poll() is not None:
+        return True
+    try:
+        return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -41,15 +81,29 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self, index: int = 0) -> str:
         cfg = load_config(Path(self.config_path))
         env_info = submitit.JobEnvironment()
-        if (self.stage in TRAINING or self.tasks == 1) and env_info.global_rank == 0:
-            prepare_stage(cfg, self.stage, force=False)  # resumes if the same inputs started before
+        status = "array task" if self.tasks > 1 else "-"
+        if self.tasks == 1 and env_info.global_rank == 0:
+            status = prepare_stage(cfg, self.stage, force=False)  # resumes if the same inputs started before
+        print(f"[lesion-vq] stage {self.stage} job {env_info.job_id} SLURM_RESTART_COUNT="
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')} node {env_info.node}/{env_info.num_nodes}: "
+              f"{status}", flush=True)
         argv, env = self._command(cfg, env_info)
         if self.tasks > 1:
             argv += ["--shard-index", str(index), "--num-shards", str(self.tasks)]
         self._proc = subprocess.Popen(argv, env=os.environ | env, cwd=REPO_ROOT)
-        code = self._proc.wait()
+        # Poll rather than Popen.wait(): wait() holds Popen's lock while blocked, and the checkpoint()
+        # that submitit's signal handler runs on this same thread could then never see the exit.
+        while (code := self._proc.poll()) is None:
+            time.sleep(0.5)
         if code == EXIT_REQUEUE:
-            raise RuntimeError(f"{self.stage}: checkpointed on a stop signal; waiting to be requeued")
+            # The workers checkpointed on a signal submitit did not see (e.g. SIGTERM on pre-emption):
+            # hand over to submitit's own handler, which checkpoints (returns at once) and requeues.
+            print(f"[lesion-vq] stage {self.stage}: workers checkpointed and exited {code}; requeueing",
+                  flush=True)
+            os.kill(os.getpid(), SlurmJobEnvironment._usr_sig())
+            time.sleep(30)  # the handler exits the process; reaching the next line means it did not
+            raise RuntimeError(f"{self.stage}: checkpointed on a stop signal but could not requeue; "
+                               "rerun the pipeline to resume")
         if code != 0:
             raise RuntimeError(f"{self.stage} failed with exit status {code}")
         if env_info.global_rank == 0 and (stage_dir(cfg, self.stage) / "manifest.json").is_file():
@@ -64,26 +118,38 @@ class StageJob(submitit.helpers.Checkpointable):
         # One submitit task per node; every node runs `accelerate launch` with its own machine rank,
         # taken from the job environment at run time (not a $SLURM_NODEID expanded too early).
         port = 20000 + int(str(env_info.job_id).split("_")[0]) % 20000
-        return stage_command(cfg, self.stage, config_path, processes=res.processes_per_node,
+        processes = int(os.environ.get("LESION_VQ_PROCS_PER_NODE", "0") or 0) or res.processes_per_node
+        return stage_command(cfg, self.stage, config_path, processes=processes,
                              num_machines=env_info.num_nodes, machine_rank=env_info.node,
                              main_address=env_info.hostnames[0], main_port=port,
                              use_gpu=res.gpus_per_node > 0)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the warning signal: let the workers finish their checkpoint, then requeue."""
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=max(10, load_config(Path(self.config_path)).cluster.signal_delay_s - 15))
-            except subprocess.TimeoutExpired:
-                log.warning("%s: workers did not exit in time; the requeued job resumes from the last checkpoint",
-                            self.stage)
+        proc = self._proc
+        if proc is not None:
+            limit = max(10, load_config(Path(self.config_path)).cluster.signal_delay_s - 15)
+            deadline = time.monotonic() + limit
+            while not _exited(proc) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _exited(proc):
+                print(f"[lesion-vq] stage {self.stage}: workers exited after the stop signal; requeueing",
+                      flush=True)
+            else:
+                log.warning("%s: workers did not exit within %d s; the requeued job resumes from the last "
+                            "checkpoint", self.stage, limit)
         fresh = StageJob(self.config_path, self.stage, self.tasks)
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 
 
+def submit_folder(cfg: RunConfig, stage: str) -> Path:
+    """submitit's folder for a stage's jobs: RUN_DIR/slurm/STAGE/%j (its own per run directory)."""
+    return Path(cfg.run_dir).resolve() / "slurm" / stage / "%j"
+
+
 def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[str]) -> submitit.AutoExecutor:
-    folder = Path(cfg.run_dir) / "slurm" / f"submit-{time.strftime('%Y%m%d-%H%M%S')}" / stage / "%j"
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor = submitit.AutoExecutor(folder=submit_folder(cfg, stage), cluster="slurm",
+                                     slurm_max_num_timeout=cfg.cluster.max_requeues)
     extra: dict[str, Any] = {"requeue": True, "open-mode": "append"}
     if depends_on:
         extra["dependency"] = "afterok:" + ":".join(depends_on)
@@ -92,10 +158,13 @@ def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[
         if getattr(res, key):
             extra[key] = getattr(res, key)
     training = stage in TRAINING
+    setup = list(cfg.cluster.setup)
+    if os.environ.get("LESION_VQ_SETUP"):
+        setup.append(os.environ["LESION_VQ_SETUP"])
     params: dict[str, Any] = {
         "name": f"lvq-{stage}", "timeout_min": res.time_min, "nodes": res.nodes if training else 1,
         "tasks_per_node": 1, "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_gb,
-        "slurm_signal_delay_s": cfg.cluster.signal_delay_s, "slurm_max_num_timeout": cfg.cluster.max_requeues,
+        "slurm_signal_delay_s": cfg.cluster.signal_delay_s,
         "slurm_array_parallelism": res.array_parallelism, "slurm_additional_parameters": extra,
     }
     if res.gpus_per_node:
@@ -104,25 +173,47 @@ def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[
         params["slurm_partition"] = res.partition
     if res.account:
         params["slurm_account"] = res.account
-    if cfg.cluster.setup:
-        params["slurm_setup"] = list(cfg.cluster.setup)
+    if setup:
+        params["slurm_setup"] = setup
     executor.update_parameters(**params)
     return executor
 
 
-def submit_pipeline(cfg: RunConfig, stages: list[str], forced: set[str], *, wait: bool) -> int:
-    """Queue every stage that is not up to date; returns at once with the job ids (or follows them)."""
-    config_path = str((Path(cfg.run_dir) / "config.json").resolve())
-    job_ids: dict[str, str] = {}
-    jobs: dict[str, list[submitit.Job]] = {}
+def _use_signal(name: str) -> None:
+    """submitit's warning signal (``--signal=NAME@delay`` and its handler in the job) = cluster.signal."""
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = name  # read by the job (the environment is exported)
+    SlurmJobEnvironment.USR_SIG = name  # read here, when the sbatch file is written
+
+
+def plan_submission(cfg: RunConfig, stages: list[str], forced: set[str]) -> list[str]:
+    """Stages to submit, in order: forced, not up to date, or downstream of a stage being submitted."""
+    chosen: list[str] = []
     for spec in stage_specs(cfg):
         if spec.name not in stages:
             continue
-        if spec.name not in forced and is_up_to_date(cfg, spec.name):
-            log.info("stage %s: up to date, not submitted", spec.name)
+        if spec.name in forced or any(d in chosen for d in spec.depends) or not is_up_to_date(cfg, spec.name):
+            chosen.append(spec.name)
+    return chosen
+
+
+def submit_pipeline(cfg: RunConfig, stages: list[str], forced: set[str], *, wait: bool) -> int:
+    """Queue every stage that needs running; returns at once with the job ids (or follows them)."""
+    config_path = str((Path(cfg.run_dir) / "config.json").resolve())
+    _use_signal(cfg.cluster.signal)
+    to_submit = plan_submission(cfg, stages, forced)
+    job_ids: dict[str, str] = {}
+    for spec in stage_specs(cfg):
+        if spec.name not in to_submit:
+            if spec.name in stages:
+                print(f"stage {spec.name:7s} up to date, not submitted", flush=True)
             continue
         if spec.name in forced:
-            shutil.rmtree(stage_dir(cfg, spec.name), ignore_errors=True)
+            prepare_stage(cfg, spec.name, force=True)  # wipe now: a forced stage starts clean
+        if spec.tasks > 1:
+            # Array stages keep finished per-task outputs (skipped by their done-markers) but never a
+            # manifest from an earlier run: the task that completes the set writes a new one.
+            (stage_dir(cfg, spec.name) / "manifest.json").unlink(missing_ok=True)
+            _record_path(cfg, spec.name, "done").unlink(missing_ok=True)
         depends = [job_ids[d] for d in spec.depends if d in job_ids]
         executor = _executor(cfg, spec.name, spec.resources, depends)
         job = StageJob(config_path, spec.name, spec.tasks)
@@ -130,28 +221,76 @@ def submit_pipeline(cfg: RunConfig, stages: list[str], forced: set[str], *, wait
             submitted = executor.map_array(job, list(range(spec.tasks)))
             job_ids[spec.name] = submitted[0].job_id.split("_")[0]
         else:
-            submitted = [executor.submit(job)]
-            job_ids[spec.name] = submitted[0].job_id
-        jobs[spec.name] = submitted
-        print(f"submitted {spec.name:7s} job {job_ids[spec.name]}"
-              f"{f' (array of {spec.tasks})' if spec.tasks > 1 else ''}"
-              f"{f' after {depends}' if depends else ''}", flush=True)
-    if not jobs:
+            job_ids[spec.name] = executor.submit(job).job_id
+        array = f" (array of {spec.tasks})" if spec.tasks > 1 else ""
+        after = " afterok:" + ":".join(depends) if depends else ""
+        print(f"submitted {spec.name:7s} job {job_ids[spec.name]}{array}{after}", flush=True)
+    if not job_ids:
         print("everything is up to date; nothing submitted")
         return 0
+    atomic_write_json(Path(cfg.run_dir) / ".pipeline" / "jobs.json",
+                      {"time": time.time(), "jobs": job_ids, "logs": str(Path(cfg.run_dir).resolve() / "slurm")})
+    print(f"logs: {Path(cfg.run_dir).resolve() / 'slurm'}/STAGE/JOBID/\n"
+          f"follow with: squeue -u $USER; sacct -X -j {','.join(job_ids.values())} -o JobID,JobName,State,Reason")
     if not wait:
-        print("follow with: squeue -u $USER; sacct -j " + ",".join(job_ids.values()))
         return 0
-    failed = []
-    for name, stage_jobs in jobs.items():
-        for job in stage_jobs:
-            try:
-                job.result()
-            except Exception as err:  # submitit raises the job's error or a "job died" error
-                failed.append(f"{name} ({job.job_id}): {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-        print(f"{name}: {'failed' if any(f.startswith(name) for f in failed) else 'done'}", flush=True)
-    if failed:
-        print("failed stages:\n  " + "\n  ".join(failed))
-        return 1
-    print(f"report: {stage_dir(cfg, 'report') / 'report.html'}")
-    return 0
+    return follow(cfg, job_ids)
+
+
+# ----- following the jobs --------------------------------------------------------------------------
+def sacct_states(job_ids: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """{job id: [(JobID, State, Reason), ...]} (several rows for an array); empty while sacct lags."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Reason,ExitCode"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    rows: dict[str, list[tuple[str, str, str]]] = {j: [] for j in job_ids}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 4:
+            continue
+        base = parts[0].split("_")[0].split(".")[0]
+        if base in rows:
+            rows[base].append((parts[0], parts[1], f"{parts[2]} exit {parts[3]}"))
+    return rows
+
+
+def _stage_state(rows: list[tuple[str, str, str]]) -> str:
+    """One word for a stage: PENDING/RUNNING/... until every row (array task) is terminal."""
+    if not rows:
+        return "UNKNOWN"
+    states = [state.split()[0] for _, state, _ in rows]
+    if any("[" in jid for jid, _, _ in rows) or not all(s.startswith(TERMINAL) for s in states):
+        live = [s for s in states if not s.startswith(TERMINAL)]
+        return live[0] if live else "PENDING"
+    for bad in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+                "CANCELLED"):
+        if bad in states:
+            return bad
+    return "COMPLETED"
+
+
+def follow(cfg: RunConfig, job_ids: dict[str, str], poll_s: float = 2.0) -> int:
+    """Print each stage's state changes until every job has finished; 0 when all completed."""
+    last: dict[str, str] = {}
+    started = time.monotonic()
+    while True:
+        rows = sacct_states(list(job_ids.values()))
+        states = {stage: _stage_state(rows[jid]) for stage, jid in job_ids.items()}
+        for stage, state in states.items():
+            if last.get(stage) != state:
+                print(f"[{time.monotonic() - started:6.1f}s] {stage:7s} {job_ids[stage]}: {state}", flush=True)
+        last = states
+        if all(s.startswith(TERMINAL) for s in states.values()):
+            break
+        time.sleep(poll_s)
+    bad = {s: st for s, st in states.items() if st != "COMPLETED"}
+    if not bad:
+        print(f"all stages completed in {time.monotonic() - started:.0f} s\n"
+              f"report: {stage_dir(cfg, 'report') / 'report.html'}")
+        return 0
+    for stage, state in bad.items():
+        reasons = "; ".join(f"{jid} {st} ({why})" for jid, st, why in rows[job_ids[stage]])
+        where = Path(cfg.run_dir).resolve() / "slurm" / stage / f"{job_ids[stage]}*"
+        print(f"stage {stage}: {state}: {reasons}\n    log: {where}/*_log.err", file=sys.stderr)
+    print("fix the cause and rerun the same command: completed stages are kept and not resubmitted",
+          file=sys.stderr)
+    return 1

@@ -71,7 +71,7 @@ def sample_task(cfg: RunConfig, index: int, count: int, device: torch.device) ->
     generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
     started, written = time.perf_counter(), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with atomic_path(output) as tmp, wds.TarWriter(str(tmp)) as sink, torch.inference_mode(), autocast:
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0) as sink, torch.inference_mode(), autocast:
         for lo in range(0, len(wanted), cfg.sample.batch_size):
             ids = wanted[lo: lo + cfg.sample.batch_size]
             labels = torch.tensor([j // cfg.sample.per_class for j in ids], device=device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,10 +152,12 @@ class RunConfig(_Strict):
                 f"data.image_size={self.data.image_size} is not divisible by the VQ-VAE down-sampling "
                 f"factor {factor} (2 ** len(vqvae.channels)); allowed: multiples of {factor}"
             )
-        if self.vqvae.arch == "seed" and self.vqvae.channels[-1] % self.vqvae.code_dim:
+        per_position, rest = divmod(self.vqvae.channels[-1], self.vqvae.code_dim)
+        if self.vqvae.arch == "seed" and (rest or math.isqrt(per_position) ** 2 != per_position):
             raise ValueError(
-                f"vqvae.code_dim={self.vqvae.code_dim} must divide the last encoder width "
-                f"{self.vqvae.channels[-1]} (the seed model splits each position into several codes)"
+                f"vqvae.code_dim={self.vqvae.code_dim} must split the last encoder width "
+                f"{self.vqvae.channels[-1]} into a square number of codes (1, 4, 9, ...): the seed model lays "
+                "the codes of each position out as an r×r block of the code grid"
             )
         if self.data.source == "isic" and self.data.isic_images is None:
             raise ValueError("data.source=isic needs data.isic_images=/path/to/images")

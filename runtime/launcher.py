@@ -71,7 +71,36 @@ def main() -> None:
     from accelerate.commands.accelerate_cli import main as accelerate_main
 
     sys.argv = ["accelerate", *rest]
-    accelerate_main()
+    try:
+        accelerate_main()
+    except Exception as err:  # a worker failed: exit with ITS status, so 75 ("requeue me") survives
+        code = worker_exit_status(err)
+        if code is None:
+            raise
+        print(f"runtime.launcher: training worker(s) exited with status {code}", file=sys.stderr)
+        sys.exit(code)
+
+
+def worker_exit_status(err: BaseException) -> int | None:
+    """The exit status to report for a failed ``accelerate launch``, from the workers' own statuses.
+
+    accelerate turns any worker failure into exit 1 (``CalledProcessError`` for one process,
+    torch's ``ChildFailedError`` for several), which would hide EXIT_REQUEUE from the Slurm scripts
+    and the pipeline. When a worker exited 75 and no other worker failed for another reason (peers
+    may be terminated by the agent), report 75; otherwise the first failure's status.
+    """
+    from runtime.signals import EXIT_REQUEUE
+
+    if isinstance(err, subprocess.CalledProcessError):
+        codes = [err.returncode]
+    elif isinstance(getattr(err, "failures", None), dict) and err.failures:  # type: ignore[attr-defined]
+        codes = [int(f.exitcode) for f in err.failures.values()]  # type: ignore[attr-defined]
+    else:
+        return None
+    if EXIT_REQUEUE in codes and all(c in (EXIT_REQUEUE, 0) or c < 0 for c in codes):
+        return EXIT_REQUEUE
+    first = codes[0]
+    return first if first > 0 else 128 - first  # killed by signal N: 128 + N, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.config import CLASSES
+from runtime.errors import UserError
 from shards.images import IMAGE_SUFFIXES, key_problem
 
 HAM_COLUMNS = ("image_id", "dx")
@@ -28,7 +29,7 @@ ONEHOT_ALIASES = {"AK": "AKIEC"}  # ISIC 2019 renamed the class
 OUTSIDE_SEVEN = ("SCC", "UNK")  # ISIC 2019 classes with no counterpart among the seven
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The input as a whole is unusable (wrong layout, no images); the message says why."""
 
 

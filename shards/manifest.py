@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import UserError
 from runtime.files import sha256_file
 
 FORMAT = "lesion-vq/image-shards/v1"
@@ -21,7 +22,7 @@ CODE_FORMAT = "lesion-vq/code-shards/v1"
 MANIFEST = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A split or output folder without a complete, readable manifest."""
 
 

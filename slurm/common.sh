@@ -11,7 +11,8 @@ fi
 export PYTHONUNBUFFERED=1
 EXIT_REQUEUE=75                              # runtime/signals.py: "checkpoint saved, requeue me"
 
-echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $0 $*"
+echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}" \
+     "on ${SLURM_JOB_NODELIST:-?}: ${SLURM_JOB_NAME:-$0} $*"
 
 # Runs a step; on exit 75 (stopped by the warning signal after a checkpoint) requeues this job,
 # which then resumes from that checkpoint (--resume auto is the default).

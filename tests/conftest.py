@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import tiny_config
 
 from runtime.config import DataConfig
 
@@ -49,3 +50,28 @@ def pack_synth() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _pack_synth(tmp_path_factory.mktemp("synth-shards"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Image shards for the tiny config, packed once per session (read-only for tests)."""
+    from shards.pack import pack_synthetic
+
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny-config"))
+    out = tmp_path_factory.mktemp("tiny-data")
+    pack_synthetic(cfg.data, out)
+    return out
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_data: Path) -> Callable[..., Any]:
+    """Factory ``tiny_run(*overrides) -> (cfg, config_path)``: a run dir whose data stage is done."""
+
+    def make(*extra: str, name: str = "run") -> tuple[Any, Path]:
+        run_dir = tmp_path / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = tiny_config(run_dir, *extra)
+        (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
+        return cfg, run_dir / "config.json"
+
+    return make

@@ -1,0 +1,159 @@
+"""train VQ-VAE → encode → train prior → sample, each stage as its own command on real shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from helpers import REPO, stage_env, tiny_config
+
+from runtime.config import CLASSES
+
+
+def _run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=stage_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _code_histograms(split_dir: Path, codebook: int) -> dict[int, np.ndarray]:
+    hist = {c: np.zeros(codebook) for c in range(len(CLASSES))}
+    for sample in wds.WebDataset(sorted(str(p) for p in split_dir.glob("*.tar")), shardshuffle=False,
+                                 empty_check=False):
+        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+        hist[int(sample["cls"])] += np.bincount(codes.ravel(), minlength=codebook)
+    return hist
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
+    """One tiny run taken through every stage (shared by the tests below)."""
+
+
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
+    cfg = tiny_config(run_dir, "prior_train.max_steps=150", "prior_train.eval_every=150",
+                      "prior_train.checkpoint_every=150", "sample.per_class=6")
+    config = str(run_dir / "config.json")
+    _run("vqvae/train.py", "--config", config)
+    logs = [_run("vqvae/encode.py", "--config", config, "--shard-index", str(i), "--num-shards", "2").stderr
+            for i in range(2)]
+    rerun = _run("vqvae/encode.py", "--config", config, "--shard-index", "0", "--num-shards", "2").stderr
+    _run("prior/train.py", "--config", config)
+    for i in range(2):
+        _run("prior/sample.py", "--config", config, "--shard-index", str(i), "--num-shards", "2")
+    return {"cfg": cfg, "run_dir": run_dir, "encode_logs": logs, "encode_rerun": rerun}
+
+
+def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
+    run_dir = chain["run_dir"]
+    codes = json.loads((run_dir / "codes" / "manifest.json").read_text())
+    data = json.loads((run_dir / "data" / "train" / "manifest.json").read_text())
+    assert codes["codebook_size"] == chain["cfg"].vqvae.codebook_size
+    assert codes["grid"] == [8, 8]  # 32 px / 2**2
+    vq = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
+    assert codes["checkpoint_sha256"] == vq["weights_sha256"]
+    split = json.loads((run_dir / "codes" / "train" / "manifest.json").read_text())
+    assert [s["name"] for s in split["shards"]] == [s["name"] for s in data["shards"]]
+    assert split["num_samples"] == data["num_samples"]
+    assert split["class_counts"] == data["class_counts"]
+    assert "already encoded with this checkpoint, skipped" in chain["encode_rerun"]
+
+
+def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> None:
+    run_dir = chain["run_dir"]
+    image_keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "data/val").glob("*.tar")),
+                                                       shardshuffle=False, empty_check=False)}
+    samples = list(wds.WebDataset(sorted(str(p) for p in (run_dir / "codes/val").glob("*.tar")),
+                                  shardshuffle=False, empty_check=False))
+    assert {s["__key__"] for s in samples} == image_keys
+    grid = np.load(io.BytesIO(samples[0]["codes.npy"]), allow_pickle=False)
+    assert grid.shape == (8, 8) and grid.dtype == np.int16
+    assert set(samples[0]) == {"__key__", "__url__", "__local_path__", "codes.npy", "cls", "json"} - (
+        {"__local_path__"} - set(samples[0]))
+
+
+def test_prior_learns_well_below_uniform(chain: dict) -> None:
+    rows = [json.loads(line) for line in (chain["run_dir"] / "prior" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/bits_per_code" in r]
+    uniform = math.log2(chain["cfg"].vqvae.codebook_size)
+    assert val[-1]["val/uniform_bits_per_code"] == uniform
+    assert val[-1]["val/bits_per_code"] < 0.6 * uniform
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train[-1] < train[0]
+
+
+def test_samples_cover_every_class_in_a_grid(chain: dict) -> None:
+    out = chain["run_dir"] / "samples"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6 * len(CLASSES)
+    assert (out / "samples.png").stat().st_size > 0
+    labels = [int(s["cls"]) for s in wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")),
+                                                    shardshuffle=False, empty_check=False)]
+    assert sorted(labels) == sorted(c for c in range(len(CLASSES)) for _ in range(6))
+
+
+def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int) -> None:
+    """Synthetic code shards whose code distribution depends on the class: class c uses code c at
+    ~70% of positions, other codes uniformly elsewhere (a signal only a conditional prior can use)."""
+    from runtime.files import atomic_write_json
+    from shards.manifest import CODE_FORMAT, describe_shard
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", per_class), ("val", 4)):
+        (out / split).mkdir(parents=True)
+        path = out / split / "shard-000000.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(n * len(CLASSES)):
+                label = i % len(CLASSES)
+                codes = np.where(rng.random((grid, grid)) < 0.7, label, rng.integers(0, codebook, (grid, grid)))
+                buf = io.BytesIO()
+                np.save(buf, codes.astype(np.int16), allow_pickle=False)
+                sink.write({"__key__": f"img_{split}_{i:05d}", "codes.npy": buf.getvalue(),
+                            "cls": str(label).encode(), "json": b"{}"})
+        count = n * len(CLASSES)
+        atomic_write_json(out / split / "manifest.json", {
+            "format": CODE_FORMAT, "split": split, "num_samples": count, "codebook_size": codebook,
+            "grid": [grid, grid], "shards": [describe_shard(path, count)]})
+        splits[split] = {"num_samples": count}
+    atomic_write_json(out / "manifest.json", {"format": CODE_FORMAT, "codebook_size": codebook,
+                                               "grid": [grid, grid], "splits": splits})
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: bool) -> None:
+    """Trained with prior/train.py on class-dependent codes, a conditional prior's samples of class c
+    are dominated by code c; an unconditional prior's samples cannot tell the classes apart."""
+    import torch
+
+    from prior.models import build_prior
+    from runtime.checkpoint import load_weights
+
+    codes_dir = tmp_path / "codes"
+    _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24)
+    cfg = tiny_config(tmp_path / "run", f"prior.conditional={str(conditional).lower()}", "prior.filters=32",
+                      "prior_train.max_steps=120", "prior_train.lr=3e-3", "prior_train.eval_every=120",
+                      "prior_train.checkpoint_every=120")
+    _run("prior/train.py", "--config", str(tmp_path / "run" / "config.json"), "--codes", str(codes_dir))
+    model = build_prior(cfg.prior, 16, len(CLASSES))
+    load_weights(model, tmp_path / "run" / "prior" / "final" / "model.safetensors")
+    labels = torch.arange(len(CLASSES)).repeat_interleave(8)
+    samples = model.sample(len(labels), (6, 6), labels, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))
+    # Each sample's most frequent code names the class it looks like.
+    dominant = torch.stack([torch.bincount(grid.flatten(), minlength=16).argmax() for grid in samples])
+    accuracy = (dominant == labels).float().mean().item()
+    if conditional:
+        assert accuracy >= 0.9, accuracy
+    else:  # the label cannot steer it: about chance (1/7)
+        assert accuracy <= 0.4, accuracy

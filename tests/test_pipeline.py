@@ -1,0 +1,73 @@
+"""`python launch/pipeline.py` locally: the whole chain, idempotent reruns, the dry-run plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, stage_env, tiny_config
+
+STAGE_MANIFESTS = ["data/manifest.json", "vqvae/manifest.json", "codes/manifest.json", "prior/manifest.json",
+                   "samples/manifest.json"]
+
+
+def pipeline(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "launch/pipeline.py", *args], cwd=REPO, env=stage_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    tiny_config(run_dir)
+    result = pipeline("--config", str(run_dir / "config.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, result
+
+
+def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, result = finished_run
+    for manifest in STAGE_MANIFESTS:
+        assert (run_dir / manifest).is_file(), manifest
+    report = run_dir / "report" / "report.html"
+    assert report.is_file()
+    assert f"report:          {report}" in result.stdout
+    assert "samples.png" in result.stdout
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert metrics["vqvae"]["val/psnr"] > 0 and metrics["prior"]["val/bits_per_code"] > 0
+    assert set(metrics["timings_s"]) >= {"data", "vqvae", "encode", "prior", "sample"}
+
+
+def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = finished_run
+    before = {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS}
+    again = pipeline("--config", str(run_dir / "config.json"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("data", "vqvae", "encode", "prior", "sample"):
+        assert f"stage {stage}: up to date, skipped" in again.stderr
+    assert {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS} == before
+
+
+def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = finished_run
+    weights = (run_dir / "vqvae" / "manifest.json").read_text()
+    result = pipeline("--config", str(run_dir / "config.json"), "--only", "sample")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage sample: redo" in result.stderr
+    assert "stage vqvae" not in result.stderr
+    assert (run_dir / "vqvae" / "manifest.json").read_text() == weights
+    assert (run_dir / "samples" / "manifest.json").is_file()
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
+    tiny_config(tmp_path / "run")
+    result = pipeline("--config", str(tmp_path / "run" / "config.json"), "--dry-run", "--processes", "2")
+    assert result.returncode == 0, result.stderr
+    for stage in ("data", "vqvae", "encode", "prior", "sample", "report"):
+        assert f"[{stage}] run" in result.stdout
+    assert "--num_processes 2" in result.stdout and "ACCELERATE_USE_CPU=1" in result.stdout
+    assert "depends on: vqvae, data" in result.stdout
+    assert not (tmp_path / "run" / "data").exists()
