@@ -14,6 +14,7 @@ import argparse
 import io
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from bench.common import Row
 from runtime.config import CLASSES, DataConfig
 from runtime.files import atomic_write_json
 from shards.images import array_to_jpeg
@@ -67,14 +69,29 @@ def _image_folder(folder: Path, size: int, workers: int, batch: int) -> float:
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomRotation(30),
                              transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
                              transforms.ToTensor()])
-    loader = DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=batch, shuffle=True,
-                        num_workers=workers)
+    dataset = datasets.ImageFolder(str(folder), transform=tf, allow_empty=True)  # tiny runs miss classes
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
     start = time.perf_counter()
     count = sum(len(labels) for _, labels in loader)
     return _rate(count, time.perf_counter() - start)
 
 
-def run(images: int, size: int, batch: int, workdir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Inputs:
+    """The same synthetic lesions as shards (stored at ``size``) and as a 600x450 JPEG class folder."""
+
+    stored: list[bytes]
+    original: list[bytes]
+    folder: Path
+    data_dir: Path
+
+    @property
+    def split(self) -> Path:
+        return self.data_dir / "train"
+
+
+def make_inputs(images: int, size: int, workdir: Path, val_fraction: float = 0.0) -> Inputs:
+    """Render ``images`` lesions into ``workdir/folder`` (originals) and ``workdir/shards`` (packed)."""
     stored, original = [], []
     folder = workdir / "folder"
     for c in CLASSES:
@@ -84,9 +101,14 @@ def run(images: int, size: int, batch: int, workdir: Path) -> dict[str, Any]:
         big = Image.fromarray(pixels).resize(ORIGINAL, Image.BILINEAR)
         big.save(folder / CLASSES[label] / f"{image_id}.jpg", quality=95)
         original.append((folder / CLASSES[label] / f"{image_id}.jpg").read_bytes())
-    cfg = DataConfig(num_images=images, image_size=size, val_fraction=0.0, test_fraction=0.0, workers=0)
+    cfg = DataConfig(num_images=images, image_size=size, val_fraction=val_fraction, test_fraction=0.0, workers=0)
     pack_synthetic(cfg, workdir / "shards")
-    split = workdir / "shards" / "train"
+    return Inputs(stored, original, folder, workdir / "shards")
+
+
+def run(images: int, size: int, batch: int, workdir: Path) -> dict[str, Any]:
+    inputs = make_inputs(images, size, workdir)
+    stored, original, folder, split = inputs.stored, inputs.original, inputs.folder, inputs.split
     result = {
         "images": images, "size": size, "batch": batch,
         "decode_transform_1proc": _decode_only(stored, size),
@@ -99,6 +121,24 @@ def run(images: int, size: int, batch: int, workdir: Path) -> dict[str, Any]:
     result["ratio_shard2_over_decode"] = result["shard_loader_2workers"] / result["decode_transform_1proc"]
     result["ratio_shard2_over_imagefolder"] = result["shard_loader_2workers"] / result["imagefolder_2workers"]
     return result
+
+
+def rows(r: dict[str, Any]) -> list[Row]:
+    """The result of :func:`run` as benchmark rows: loaders against the decode limit and the folder loader."""
+    limit, folder = "decode+transform limit, 1 process", "ImageFolder 600x450 JPEGs, 2 workers"
+    note = f"{r['images']} images, {r['size']} px, batch {r['batch']}"
+    return [
+        Row("data", limit, r["decode_transform_1proc"], "images/s", limit, note),
+        Row("data", "shard loader, 1 worker", r["shard_loader_1worker"], "images/s", limit),
+        Row("data", "shard loader, 2 workers", r["shard_loader_2workers"], "images/s", limit),
+        Row("data", folder, r["imagefolder_2workers"], "images/s", folder, "the report's pipeline"),
+        Row("data", "shard loader, 2 workers (vs folder)", r["shard_loader_2workers"], "images/s", folder,
+            "same measurement as above"),
+        Row("data", "PIL decode, original 600x450", r["pil_decode_original"], "images/s",
+            "PIL decode, original 600x450"),
+        Row("data", f"PIL decode, stored {r['size']} px", r["pil_decode_stored"], "images/s",
+            "PIL decode, original 600x450", "why shards store resized JPEGs"),
+    ]
 
 
 def _table(r: dict[str, Any]) -> str:

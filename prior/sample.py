@@ -71,7 +71,10 @@ def sample_task(cfg: RunConfig, index: int, count: int, device: torch.device) ->
     generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
     started, written = time.perf_counter(), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0) as sink, torch.inference_mode(), autocast:
+    # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
+    # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
+            torch.inference_mode(), autocast:
         for lo in range(0, len(wanted), cfg.sample.batch_size):
             ids = wanted[lo: lo + cfg.sample.batch_size]
             labels = torch.tensor([j // cfg.sample.per_class for j in ids], device=device)

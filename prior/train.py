@@ -50,7 +50,8 @@ class PriorTask:
         logits = model(codes, self._labels(batch))
         # Cross-entropy over the code index at every position: the report instead regressed one-hot
         # vectors with MSE, which is not a likelihood and cannot be sampled from consistently.
-        nll = F.cross_entropy(logits.float(), codes)
+        # Summed then divided by max(n, 1): an empty batch (damaged shards) gives zero gradient, not NaN.
+        nll = F.cross_entropy(logits.float(), codes, reduction="sum") / max(codes.numel(), 1)
         return nll, {"bits_per_code": nll.detach() / LN2}
 
     @torch.no_grad()

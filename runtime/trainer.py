@@ -175,7 +175,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
                             keep=plan.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    images_seen, t0, exit_status = 0, time.perf_counter(), 0
+    images_seen, bad_samples, t0, exit_status = 0, 0, time.perf_counter(), 0
     while state.step < optim.max_steps and exit_status == 0:
         epoch, start = divmod(state.step, spe)
         loader = make_train_loader(plan.train_split, batch_size=optim.batch_size, rank=rank, world_size=world,
@@ -201,14 +201,16 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             images_seen += len(batch["label"]) * world
+            bad_samples += len(batch.get("dropped", ()))
             bar.update(1)
 
             if state.step % optim.log_every == 0 or state.step == optim.max_steps:
                 scalars = {"loss": loss.detach(), **{k: v.detach() for k, v in extras.items()}}
                 means = {k: accelerator.reduce(v.float().reshape(1), "mean").item() for k, v in scalars.items()}
                 elapsed = time.perf_counter() - t0
+                dropped = accelerator.reduce(torch.tensor([float(bad_samples)], device=accelerator.device), "sum")
                 means |= {"lr": learning_rate(optim, state.step - 1), "epoch": epoch,
-                          "images_per_s": images_seen / max(elapsed, 1e-9)}
+                          "images_per_s": images_seen / max(elapsed, 1e-9), "bad_samples": dropped.item()}
                 logger.log(state.step, {f"train/{k}": v for k, v in means.items()})
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
             if state.step % optim.eval_every == 0 or state.step == optim.max_steps:

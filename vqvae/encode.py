@@ -65,7 +65,10 @@ def encode_shard(model: torch.nn.Module, source: Path, count: int, output: Path,
     stream = ShardStream(shards=[source], shard_counts=[count], num_samples=count, batch_size=batch_size,
                          decode=_WithMetadata(image_size, augment=False, seed=0), collate=collate, shuffle=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0) as sink, torch.inference_mode(), autocast:
+    # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
+    # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
+            torch.inference_mode(), autocast:
         for batch in stream:
             if not batch["key"]:
                 continue

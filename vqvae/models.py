@@ -65,7 +65,7 @@ class VQVAE(nn.Module):
         b, c, h, w = z.shape
         out = self.quantizer(self._to_vectors(z))
         latent = out.quantized.view(b, h, w, c).permute(0, 3, 1, 2)
-        codes = self._to_grid(out.indices.view(b, h, w, -1))
+        codes = self._to_grid(out.indices.view(b, h, w, self.codes_per_side ** 2))
         return VQOutput(self.decoder(latent), out.loss, codes, out.stats)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ class VQVAE(nn.Module):
         encode alone; call it in eval mode (the seed encoder's BatchNorm)."""
         z = self.encoder(x)
         b, _, h, w = z.shape
-        return self._to_grid(self.quantizer.nearest(self._to_vectors(z)).view(b, h, w, -1))
+        return self._to_grid(self.quantizer.nearest(self._to_vectors(z)).view(b, h, w, self.codes_per_side ** 2))
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """Images in [0, 1] from a B×Hc×Wc grid of code indices (the inverse layout of :meth:`encode`)."""

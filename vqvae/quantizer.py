@@ -165,9 +165,12 @@ class VectorQuantizer(nn.Module):
                 self._data_init(z.detach())
             indices = self.nearest(z)
             codes = self.embedding[indices]
-            commitment_loss = F.mse_loss(z, codes.detach())
+            # Sum / max(n, 1): a batch emptied by damaged shards gives zero loss, not NaN.
+            n = max(z.numel(), 1)
+            commitment_loss = F.mse_loss(z, codes.detach(), reduction="sum") / n
             # Mode ema moves the codebook by averaging, not by gradients: no codebook loss.
-            codebook_loss = F.mse_loss(codes, z.detach()) if self.mode == "loss" else z.new_zeros(())
+            codebook_loss = F.mse_loss(codes, z.detach(), reduction="sum") / n if self.mode == "loss" \
+                else z.new_zeros(())
             loss = codebook_loss + self.commitment * commitment_loss
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             restarted = torch.zeros((), device=z.device)
@@ -190,6 +193,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _data_init(self, z: Tensor) -> None:
         pool = _all_gather_rows(z)
+        if pool.shape[0] == 0:  # no data on any rank yet: initialise on the next batch
+            return
         if _is_rank0():
             generator = torch.Generator().manual_seed(derive_seed("vq-kmeans-init", self.codebook_size))
             centroids, sizes = kmeans(pool, self.codebook_size, self.kmeans_iters, generator)
@@ -230,6 +235,8 @@ class VectorQuantizer(nn.Module):
         if n_dead == 0:
             return torch.zeros((), device=z.device)
         pool = _all_gather_rows(z)
+        if pool.shape[0] == 0:  # every rank's batch was empty; the gathered pool is the same everywhere
+            return torch.zeros((), device=z.device)
         if _is_rank0():
             # Seeded by the step counter (a checkpointed buffer): a resumed run draws the same vectors.
             generator = torch.Generator().manual_seed(derive_seed("vq-restart", int(self.step)))

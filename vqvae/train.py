@@ -44,7 +44,9 @@ class VQVAETask:
         out = model(images)
         # Targets are the [0, 1] images themselves: the decoder ends in a sigmoid (the report fed
         # ImageNet-normalised targets to a sigmoid output, which it can never match).
-        recon_mse = F.mse_loss(out.recon.float(), images.float())
+        # Summed then divided by max(n, 1): a batch emptied by damaged shards still takes part in the
+        # DDP step (every rank must), with zero gradient instead of a NaN.
+        recon_mse = F.mse_loss(out.recon.float(), images.float(), reduction="sum") / max(images.numel(), 1)
         return recon_mse + out.loss, {"recon_mse": recon_mse, **out.stats}
 
     @torch.no_grad()

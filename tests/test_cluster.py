@@ -1,0 +1,324 @@
+"""The pipeline on the real single-node Slurm of ``slurm/local-cluster.sh up``: submitit chain, sbatch
+scripts, pre-emption -> checkpoint -> requeue -> resume, failure propagation, and DDP in a job.
+
+Skipped (with the reason) when ``sinfo`` is missing or the cluster is not usable, unless
+``LESION_VQ_REQUIRE_SLURM=1`` is set, in which case those situations FAIL instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, stage_env, tiny_config
+
+from launch.stages import mark_stage_done
+from runtime.config import build_config, save_config
+
+pytestmark = pytest.mark.slurm
+
+REQUIRE = os.environ.get("LESION_VQ_REQUIRE_SLURM") == "1"
+USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE")
+PIPELINE = [sys.executable, "launch/pipeline.py"]
+
+
+# ----- cluster availability (mirrors tests/test_local_cluster.py) ----------------------------------
+def _run(cmd: list[str], timeout: float = 20, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore
+
+
+@functools.cache
+def _cluster_problem() -> str | None:
+    for tool in ("sinfo", "sbatch", "sacct", "scancel", "scontrol"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not on PATH"
+    try:
+        info = _run(["sinfo", "-h", "-o", "%T"])
+        if info.returncode != 0:
+            return f"`sinfo` failed: {(info.stderr or info.stdout).strip()[-300:]}"
+        states = info.stdout.split()
+        if not any(s in USABLE_NODE_STATES for s in states):
+            return f"no usable node (sinfo states: {states or 'none'})"
+        acct = _run(["sacct", "-n", "-X", "-S", "now-1minutes"])
+        if acct.returncode != 0:
+            return f"`sacct` failed: {(acct.stderr or acct.stdout).strip()[:300]}"
+    except subprocess.TimeoutExpired as exc:
+        return f"`{' '.join(exc.cmd)}` timed out"
+    return None
+
+
+def _need_cluster() -> None:
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    msg = f"local Slurm cluster not usable: {problem} (start it: slurm/local-cluster.sh up)"
+    if REQUIRE:
+        pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
+    pytest.skip(msg)
+
+
+# ----- job helpers ---------------------------------------------------------------------------------
+def _sacct(job_id: str) -> list[tuple[str, str, str]]:
+    """(JobID, State, Reason) rows of a job (one per array task)."""
+    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,Reason"])
+    return [tuple(line.split("|")[:3]) for line in out.stdout.splitlines() if line.count("|") >= 2]  # type: ignore
+
+
+def _state(job_id: str) -> str:
+    rows = _sacct(job_id)
+    if not rows or any("[" in r[0] for r in rows):
+        return "PENDING" if rows else ""
+    states = [r[1].split()[0] for r in rows]
+    live = [s for s in states if not s.startswith(TERMINAL)]
+    return live[0] if live else ("COMPLETED" if set(states) == {"COMPLETED"} else
+                                 next(s for s in states if s != "COMPLETED"))
+
+
+def _wait(predicate, what: str, timeout: float, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _wait_terminal(job_id: str, timeout: float) -> str:
+    try:
+        return _wait(lambda: (s := _state(job_id)).startswith(TERMINAL) and s, f"job {job_id} to finish", timeout)
+    except BaseException:
+        _run(["scancel", job_id])
+        raise
+
+
+def _sbatch(*args: str, env: dict[str, str]) -> str:
+    out = _run(["sbatch", "--parsable", *args], cwd=REPO, env=env)
+    assert out.returncode == 0, f"sbatch failed: {out.stderr}"
+    return out.stdout.strip().split(";")[0]
+
+
+def _pipeline(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return _run([*PIPELINE, *args], timeout=timeout, cwd=REPO, env=stage_env())
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"pipeline {' '.join(args)} did not return in {timeout:.0f}s:\n{exc.stdout}\n{exc.stderr}")
+
+
+def _submitted(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^submitted (\w+)\s+job (\d+)", stdout, flags=re.M))
+
+
+def _data_done(cfg) -> None:
+    """tiny_run's symlinked shards count as a completed data stage for the pipeline."""
+    mark_stage_done(cfg, "data")
+
+
+def _checkpoints(run_dir: Path, stage: str = "vqvae") -> list[Path]:
+    return sorted((run_dir / stage / "checkpoints").glob("step-*"))
+
+
+def _output_digests(run: Path) -> dict[str, str]:
+    """What must be identical between two runs of the same config (see docs/cluster.md)."""
+    out: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        for shard in json.loads((run / "data" / split / "manifest.json").read_text())["shards"]:
+            out[f"data/{split}/{shard['name']}"] = shard["sha256"]
+    for stage in ("vqvae", "prior"):
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        out[f"{stage} tensors"] = ",".join(manifest["rank_state_digests"])
+        out[f"{stage} steps"] = str(manifest["steps"])
+    for tar in [*sorted((run / "codes").rglob("*.tar")), *sorted((run / "samples").glob("*.tar"))]:
+        out[str(tar.relative_to(run))] = hashlib.sha256(tar.read_bytes()).hexdigest()
+    return out
+
+
+# ----- 1. the whole chain through submitit ---------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _cluster_up() -> None:
+    _need_cluster()
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], float]:
+    """`pipeline.py --cluster --wait` from scratch (data -> ... -> report), shared by two tests."""
+    _need_cluster()  # module fixtures run before the autouse check
+    run_dir = tmp_path_factory.mktemp("cluster-chain") / "run"
+    tiny_config(run_dir)
+    started = time.monotonic()
+    result = _pipeline("--cluster", "--wait", "--config", str(run_dir / "config.json"), timeout=480)
+    return run_dir, result, time.monotonic() - started
+
+
+@pytest.mark.timeout(660)
+def test_cluster_chain_matches_local_run(cluster_run, tmp_path: Path) -> None:
+    run_dir, result, seconds = cluster_run
+    assert result.returncode == 0, f"cluster run failed ({seconds:.0f}s):\n{result.stdout}\n{result.stderr[-3000:]}"
+    ids = _submitted(result.stdout)
+    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "report"], result.stdout
+    assert "array of 2" in result.stdout
+    for stage, job in ids.items():
+        rows = _sacct(job)
+        assert rows and all(r[1] == "COMPLETED" for r in rows), f"{stage} {job}: {rows}"
+    assert len(_sacct(ids["encode"])) == 2 and len(_sacct(ids["sample"])) == 2, "arrays did not run 2 tasks"
+    assert (run_dir / "report" / "report.html").is_file()
+    assert (run_dir / "samples" / "samples.png").is_file()
+    assert list((run_dir / "slurm" / "vqvae").glob("*/*_log.out")), "submitit logs missing"
+
+    local_dir = tmp_path / "local"
+    tiny_config(local_dir)
+    local = _pipeline("--config", str(local_dir / "config.json"), timeout=400)
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster_digests, local_digests = _output_digests(run_dir), _output_digests(local_dir)
+    assert len(cluster_digests) > 10
+    differ = {k: (v, local_digests.get(k)) for k, v in cluster_digests.items() if local_digests.get(k) != v}
+    assert not differ and cluster_digests.keys() == local_digests.keys(), f"cluster != local: {differ}"
+
+
+@pytest.mark.timeout(420)
+def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster_run, tmp_path: Path) -> None:
+    src, result, _ = cluster_run
+    assert result.returncode == 0, "the shared cluster run failed (see test_cluster_chain_matches_local_run)"
+    # A run directory of its own, with data/vqvae/encode already complete (copied from the chain run).
+    run_dir = tmp_path / "run"
+    for name in ("data", "vqvae", "codes"):
+        shutil.copytree(src / name, run_dir / name)
+    (run_dir / ".pipeline").mkdir()
+    for stage in ("data", "vqvae", "encode"):
+        for kind in ("started", "done"):
+            shutil.copy(src / ".pipeline" / f"{stage}.{kind}.json", run_dir / ".pipeline")
+    base = json.loads((src / "config.json").read_text())
+    save_config(build_config(base=base, overrides=[f"run_dir={run_dir}"]), run_dir / "config.json")
+    config = str(run_dir / "config.json")
+
+    # prior_train.lr=1e30 passes validation, but the loss becomes non-finite: the prior job fails.
+    t0 = time.monotonic()
+    first = _pipeline("--cluster", "--config", config, "prior_train.lr=1e30", timeout=90)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert time.monotonic() - t0 < 60, "--cluster without --wait must return at once"
+    ids = _submitted(first.stdout)
+    assert list(ids) == ["prior", "sample", "report"], first.stdout
+    for stage in ("data", "vqvae", "encode"):
+        assert re.search(rf"stage {stage}\s+up to date, not submitted", first.stdout), first.stdout
+    # The chain, as Slurm records it: sample waits on prior, report on sample.
+    show = _run(["scontrol", "show", "job", ids["report"]]).stdout
+    assert f"afterok:{ids['sample']}" in show or _state(ids["report"]).startswith("CANCELLED"), show
+    show = _run(["scontrol", "show", "job", ids["sample"]]).stdout
+    assert f"afterok:{ids['prior']}" in show or _state(ids["sample"]).startswith("CANCELLED"), show
+
+    assert _wait_terminal(ids["prior"], 180).startswith("FAILED")
+    for stage in ("sample", "report"):
+        state = _wait_terminal(ids[stage], 60)
+        assert state.startswith("CANCELLED"), f"{stage}: {state}"
+        assert any("DependencyNeverSatisfied" in r[2] for r in _sacct(ids[stage])), _sacct(ids[stage])
+    assert not (run_dir / "samples" / "manifest.json").exists()
+    err = next((run_dir / "slurm" / "prior" / ids["prior"]).glob("*_log.err")).read_text()
+    assert "loss became" in err, err[-2000:]
+    # What `--wait` reports for it: the failed and cancelled stages, their logs, exit status 1.
+    report = _run([sys.executable, "-c", "import sys; from launch.cluster import follow; "
+                   "from runtime.config import load_config; from pathlib import Path; "
+                   f"sys.exit(follow(load_config(Path({config!r})), {ids!r}, poll_s=0.5))"], cwd=REPO, timeout=60)
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert "stage prior: FAILED" in report.stderr and "DependencyNeverSatisfied" in report.stderr, report.stderr
+    assert f"slurm/prior/{ids['prior']}" in report.stderr, report.stderr
+
+    # Fixed: only what is missing is submitted, and it completes.
+    second = _pipeline("--cluster", "--wait", "--config", config, "prior_train.lr=0.002", timeout=300)
+    assert second.returncode == 0, f"{second.stdout}\n{second.stderr[-3000:]}"
+    assert list(_submitted(second.stdout)) == ["prior", "sample", "report"], second.stdout
+    assert (run_dir / "samples" / "manifest.json").is_file()
+
+
+
+# ----- 2./3./5. the sbatch scripts -----------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_sbatch_train_vqvae_by_hand(tiny_run) -> None:
+    cfg, config = tiny_run()
+    job = _sbatch("slurm/train_vqvae.sh", "--config", str(config), env=stage_env())
+    log = REPO / "logs" / f"lvq-train-vqvae-{job}.out"
+    try:
+        state = _wait_terminal(job, 200)
+        text = log.read_text() if log.is_file() else "(no log)"
+        assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
+        assert f"job {job} SLURM_RESTART_COUNT=0" in text, text[-2000:]
+        manifest = json.loads((Path(cfg.run_dir) / "vqvae" / "manifest.json").read_text())
+        assert manifest["steps"] == cfg.vqvae_train.max_steps and manifest["world_size"] == 1
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def _preempt_when_checkpointed(job: str, run_dir: Path, *signal_args: str) -> int:
+    """Wait for the first checkpoint, send the warning signal; returns the step it had reached."""
+    _wait(lambda: _state(job) == "RUNNING" and _checkpoints(run_dir), f"job {job} to save a checkpoint", 150, 0.3)
+    sent = _run(["scancel", *signal_args, "--signal=USR2", job])
+    assert sent.returncode == 0, sent.stderr
+    return int(_checkpoints(run_dir)[-1].name.split("-")[1])
+
+
+def _resumed_step(text: str) -> int:
+    steps = [int(s) for s in re.findall(r"resumed from \S+ \(step (\d+)\)", text)]
+    assert steps, f"no resume in the log:\n{text[-3000:]}"
+    return steps[-1]
+
+
+@pytest.mark.timeout(360)
+def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
+    cfg, config = tiny_run("vqvae_train.max_steps=300")
+    run_dir = Path(cfg.run_dir)
+    job = _sbatch("slurm/train_vqvae.sh", "--config", str(config), env=stage_env(LESION_VQ_PROCS_PER_NODE="2"))
+    log = REPO / "logs" / f"lvq-train-vqvae-{job}.out"
+    try:
+        _preempt_when_checkpointed(job, run_dir)
+        _wait(lambda: log.is_file() and "SLURM_RESTART_COUNT=1" in log.read_text(), f"job {job} requeued", 150)
+        state = _wait_terminal(job, 200)
+        text = log.read_text()
+        assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
+        assert "checkpoint saved on signal; requeueing" in text, text[-3000:]
+        assert "stop requested (USR2)" in text, text[-3000:]
+        assert _resumed_step(text) > 0
+        manifest = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
+        assert manifest["steps"] == 300
+        assert manifest["world_size"] == 2 and manifest["distributed_type"] == "MULTI_CPU", manifest
+        digests = manifest["rank_state_digests"]
+        assert len(digests) == 2 and len(set(digests)) == 1, digests
+    finally:
+        _run(["scancel", job])
+        log.unlink(missing_ok=True)
+
+
+# ----- 3. pre-emption through submitit (pipeline --cluster) ----------------------------------------
+@pytest.mark.timeout(360)
+def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
+    cfg, config = tiny_run("vqvae_train.max_steps=300")
+    run_dir = Path(cfg.run_dir)
+    _data_done(cfg)
+    result = _pipeline("--cluster", "--only", "vqvae", "--config", str(config), timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = _submitted(result.stdout)["vqvae"]
+    try:
+        _preempt_when_checkpointed(job, run_dir)
+        out_log = run_dir / "slurm" / "vqvae" / job / f"{job}_0_log.out"
+        err_log = out_log.with_suffix(".err")
+        _wait(lambda: out_log.is_file() and "SLURM_RESTART_COUNT=1" in out_log.read_text(),
+              f"job {job} requeued", 150)
+        state = _wait_terminal(job, 200)
+        out, err = out_log.read_text(), err_log.read_text()
+        assert state == "COMPLETED", f"job {job}: {state}\n{out[-2000:]}\n{err[-3000:]}"
+        assert "workers exited after the stop signal; requeueing" in out, out[-3000:]
+        assert "stop requested (USR2)" in err, err[-3000:]
+        assert _resumed_step(err) > 0
+        assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
+        assert (run_dir / ".pipeline" / "vqvae.done.json").is_file()
+    finally:
+        _run(["scancel", job])
