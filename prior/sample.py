@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from prior.models import build_prior
-from runtime.array_task import add_task_args, is_done, mark_done, read_marker, task_slot
+from runtime.array_task import is_done, mark_done, read_marker, task_slot
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
@@ -128,11 +128,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = stage_parser(__doc__.splitlines()[0])
-    add_task_args(p)
-    return p
-
-
 if __name__ == "__main__":
-    run_cli(main, parser())
+    run_cli(main, stage_parser(__doc__.splitlines()[0], array_task=True))

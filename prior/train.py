@@ -105,8 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = stage_parser(__doc__.splitlines()[0])
-    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint dir")
+    p = stage_parser(__doc__.splitlines()[0], training=True)
     p.add_argument("--codes", type=Path, help="code shard directory (default: RUN_DIR/codes)")
     return p
 

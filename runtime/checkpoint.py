@@ -130,6 +130,8 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
             shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(f"{STEP_PREFIX}*{TMP_MARK}*"):  # left by a writer killed mid-way; never read
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

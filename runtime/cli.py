@@ -14,9 +14,17 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
+def stage_parser(description: str, *, training: bool = False, array_task: bool = False) -> argparse.ArgumentParser:
+    """Config arguments, plus ``--resume`` for training stages or the task slot for array stages."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
+    if training:
+        parser.add_argument("--resume", default="auto",
+                            help="auto (newest good checkpoint), none, or a checkpoint directory")
+    if array_task:
+        from runtime.array_task import add_task_args
+
+        add_task_args(parser)
     return parser
 
 

@@ -28,6 +28,7 @@ from webdataset.tariterators import tarfile_samples
 
 from runtime.log import get_logger
 from runtime.seeding import derive_seed
+from shards.images import key_problem
 
 log = get_logger(__name__)
 
@@ -159,6 +160,8 @@ class ShardStream(IterableDataset):
     def _decoded(self, sample: dict[str, Any]) -> dict[str, Any] | str:
         """The decoded sample, or the reason it was refused."""
         key = sample["__key__"]
+        if key_problem(key):  # '../x', '/abs', 'a/b': never produced by packing; refuse, never pass on
+            return f"unsafe sample key refused ({key_problem(key)})"
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
         refused = sorted(set(members) - self.decode.allowed)
         if refused:

@@ -91,8 +91,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = stage_parser(__doc__.splitlines()[0])
-    p.add_argument("--resume", default="auto", help="auto (newest good checkpoint), none, or a checkpoint dir")
+    p = stage_parser(__doc__.splitlines()[0], training=True)
     p.add_argument("--data", type=Path, help="image shard directory (default: RUN_DIR/data)")
     p.add_argument("--print-params", action="store_true", help="print the parameter count and exit")
     return p
