@@ -66,8 +66,12 @@ def _curves(cfg: RunConfig, stage: str, out: Path) -> Path | None:
     present = [(k, title) for k, title in _CURVES[stage] if any(k in r and r[k] is not None for r in rows)]
     if not present:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 2.8), squeeze=False)
-    for ax, (key, title) in zip(axes[0], present, strict=True):
+    cols = min(3, len(present))
+    rows_n = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, present, strict=False):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
         ax.set_title(title, fontsize=9)
@@ -160,10 +164,12 @@ def _data_section(cfg: RunConfig) -> str:
     return "\n".join(parts)
 
 
-def _img(path: Path | None, alt: str) -> str:
+def _img(path: Path | None, alt: str, width: int | None = None) -> str:
+    """An embedded PNG; ``width`` scales small image grids up (drawn pixelated) so they can be seen."""
     if path is None or not path.is_file():
         return f"<p><em>{html.escape(alt)}: not available yet.</em></p>"
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{_png_b64(path)}">' \
+    size = f' width="{width}"' if width else ""
+    return f'<figure><img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{_png_b64(path)}">' \
            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
 
@@ -194,10 +200,12 @@ def write_report(cfg: RunConfig) -> Path:
 completed stages: {html.escape(', '.join(done) or 'none')}</p>
 <h2>Data</h2>{_data_section(cfg)}
 <h2>VQ-VAE</h2>{_img(_curves(cfg, 'vqvae', out), 'VQ-VAE training curves')}
-{_img(recon[-1] if recon else None, 'validation images (top) and reconstructions (bottom), last evaluation')}
+{_img(recon[-1] if recon else None, 'validation images (top) and reconstructions (bottom), last evaluation',
+       width=800)}
 {_img(hist_png, 'codebook usage histogram')}
 <h2>Prior</h2>{_img(_curves(cfg, 'prior', out), 'prior training curves')}
-<h2>Samples</h2>{_img(sample_png, 'class-conditional samples, one row per class: ' + ', '.join(CLASSES))}
+<h2>Samples</h2>{_img(sample_png, 'class-conditional samples, one row per class: ' + ', '.join(CLASSES),
+                      width=400)}
 <h2>Final validation metrics</h2>{_table(['stage', 'metric', 'value'], final_rows)}
 <h2>Timings</h2>{_table(['stage', 'wall seconds'], [[k, f'{v:.1f}'] for k, v in metrics['timings_s'].items()])}
 <h2>Versions</h2>{_table(['package', 'version'], versions)}

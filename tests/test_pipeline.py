@@ -39,6 +39,12 @@ def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, s
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert metrics["vqvae"]["val/psnr"] > 0 and metrics["prior"]["val/bits_per_code"] > 0
     assert set(metrics["timings_s"]) >= {"data", "vqvae", "encode", "prior", "sample"}
+    page = report.read_text()
+    # Self-contained: curves of both stages, reconstructions, codebook histogram and samples embedded.
+    assert page.count('src="data:image/png;base64,') == 5
+    for section in ("Data", "VQ-VAE", "Prior", "Samples", "Timings", "Versions", "Configuration"):
+        assert f"<h2>{section}</h2>" in page
+    assert "not available yet" not in page
 
 
 def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
