@@ -40,12 +40,13 @@ class Setup:
 
     @property
     def images(self) -> int:
-        """Enough images that the timed steps stay inside the first epoch of the training split."""
-        return math.ceil((self.warmup + self.steps + 1) * self.batch / (1 - VAL_FRACTION)) + self.batch
+        """Enough images that the timed steps stay inside the first epoch of the training split (and
+        at least 40, so that the validation split the trainer evaluates at its last step is not empty)."""
+        return max(40, math.ceil((self.warmup + self.steps + 1) * self.batch / (1 - VAL_FRACTION)) + self.batch)
 
 
 QUICK = Setup(size=64, batch=4, warmup=1, steps=2, workers=1, repeats=1)
-FULL = Setup(size=128, batch=16, warmup=2, steps=10, workers=1, repeats=2)
+FULL = Setup(size=128, batch=16, warmup=2, steps=10, workers=1, repeats=3)
 
 
 def prepare(setup: Setup, workdir: Path) -> Inputs:
@@ -87,7 +88,7 @@ def run(quick: bool) -> list[Row]:
                                              device=dev))
     base = "report loop (Dataset over 600x450 JPEGs)"
     how = (f"{setup.size} px, batch {setup.batch}, {setup.steps} timed steps after {setup.warmup}, "
-           f"{setup.workers} loader worker(s), best of {setup.repeats}")
+           f"{setup.workers} loader worker(s), {torch.get_num_threads()} threads, best of {setup.repeats}")
     precision = "bf16 autocast" if dev.type == "cuda" else "fp32"
     return [Row("train", base, max(report), "images/s", base, f"{how}; fp32; runs {_fmt(report)}"),
             Row("train", "ours (runtime.trainer, seed preset, shards)", max(ours), "images/s", base,

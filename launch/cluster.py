@@ -258,9 +258,9 @@ def _stage_state(rows: list[tuple[str, str, str]]) -> str:
     if not rows:
         return "UNKNOWN"
     states = [state.split()[0] for _, state, _ in rows]
-    if any("[" in jid for jid, _, _ in rows) or not all(s.startswith(TERMINAL) for s in states):
-        live = [s for s in states if not s.startswith(TERMINAL)]
-        return live[0] if live else "PENDING"
+    live = [s for s in states if not s.startswith(TERMINAL)]
+    if live:  # a not-yet-started array range ("12_[1-3]") is PENDING, or CANCELLED when its dependency failed
+        return live[0]
     for bad in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
                 "CANCELLED"):
         if bad in states:

@@ -56,12 +56,17 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Weights alone (for encode / sample), atomically."""
+    """Weights alone (for encode / sample), atomically, byte-for-byte reproducible.
+
+    ``metadata`` is stored as ONE safetensors metadata entry ``lesion_vq`` (sorted JSON): safetensors
+    writes its metadata map in hash order, so several entries would make identical weights give files
+    (and ``weights_sha256``) that differ from process to process."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
     os.close(fd)
+    packed = {"lesion_vq": json.dumps(metadata, sort_keys=True)} if metadata else None
     try:
-        save_file(_model_tensors(model), tmp, metadata=metadata)
+        save_file(_model_tensors(model), tmp, metadata=packed)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -123,16 +128,24 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     for stale in directory.glob(f"{STEP_PREFIX}*{TMP_MARK}*"):  # left by a writer killed mid-way; never read
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint dir; renamed to a temporary name first, so a kill during the deletion never
+    leaves a half-deleted directory that is still listed as a checkpoint."""
+    doomed = Path(tempfile.mkdtemp(prefix=f"{path.name}{TMP_MARK}deleting-", dir=path.parent))
+    os.replace(path, doomed)  # onto the new empty directory: atomic
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -7,6 +7,7 @@ written last and atomically, so its presence means the stage finished.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,20 @@ def require_manifest(cfg: RunConfig, stage: str, path: Path | None = None) -> di
     return read_json(manifest)
 
 
+_VOLATILE = frozenset({"created"})
+"""Manifest keys that say when, not what: left out of a manifest's identity, so the same inputs give
+the same downstream digests (and byte-identical weights files) in every run."""
+
+
+def _content(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _content(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_content(v) for v in value]
+    return value
+
+
 def manifest_hash(cfg: RunConfig, stage: str, path: Path | None = None) -> str:
-    """Identity of a stage's outputs as seen by its consumers (sha256 of its manifest file)."""
-    manifest = (path or stage_dir(cfg, stage)) / "manifest.json"
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    """Identity of a stage's outputs as seen by its consumers: sha256 of its manifest's content."""
+    manifest = read_json((path or stage_dir(cfg, stage)) / "manifest.json")
+    return hashlib.sha256(json.dumps(_content(manifest), sort_keys=True).encode()).hexdigest()[:16]

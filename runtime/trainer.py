@@ -36,7 +36,7 @@ from runtime.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from runtime.config import OptimConfig, RunConfig
+from runtime.config import ConfigError, OptimConfig, RunConfig
 from runtime.errors import UserError
 from runtime.files import atomic_write_json, sha256_file
 from runtime.log import get_logger
@@ -44,7 +44,7 @@ from runtime.seeding import seed_everything
 from runtime.signals import EXIT_REQUEUE, StopRequest
 from runtime.tracking import RunLogger
 from shards.loader import make_train_loader, steps_per_epoch
-from shards.manifest import ManifestError, verify_shards
+from shards.manifest import ManifestError, read_manifest, verify_shards
 
 log = get_logger(__name__)
 
@@ -140,6 +140,10 @@ def check_training_shards(split: Path) -> None:
     """Refuse to train on shards that are missing, truncated or modified since packing (sha256 against the
     split manifest; about 1 s per GB, once per start). Damaged data would otherwise only show up as samples
     silently missing from every epoch, or as wrong pixels that nothing notices."""
+    val = split.parent / "val"  # evaluation reads the sibling val split: an empty one would fail mid-training
+    if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
+        raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
+                          f"with enough images that the val split gets at least one (e.g. data.num_images)")
     problems = verify_shards(split)
     if problems:
         raise ManifestError(
@@ -153,6 +157,11 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
     optim, cfg = plan.optim, plan.config
     check_training_shards(plan.train_split)  # every rank, before any process group exists: no hang
     accelerator = make_accelerator(optim, plan.process_group_timeout_s)
+    if plan.num_train_samples < accelerator.num_processes:  # every rank raises: no collective, no hang
+        raise ConfigError(
+            f"{task.stage}: {accelerator.num_processes} processes but only {plan.num_train_samples} training "
+            f"samples in {plan.train_split}; every process needs at least one (allowed: 1.."
+            f"{plan.num_train_samples} processes, or more data)")
     stop = StopRequest((cfg.cluster.signal, "TERM"))
     seed_everything(optim.seed)  # same initial weights on every rank, and across reruns
     model = task.build_model()

@@ -10,7 +10,6 @@ tests/test_shards_ingest.py) are not repeated; see docs/faults.md.
 
 from __future__ import annotations
 
-import io
 import struct
 import subprocess
 import sys

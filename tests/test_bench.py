@@ -1,0 +1,77 @@
+"""Smoke test of ``python -m bench all --quick``: every benchmark runs on tiny inputs and the table and
+JSON are written with the expected rows and positive numbers. Never asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import REPO, stage_env
+
+from bench.common import Row, markdown, with_ratios
+
+EXPECTED = {
+    "data": {"decode+transform limit, 1 process", "shard loader, 1 worker", "shard loader, 2 workers",
+             "ImageFolder 600x450 JPEGs, 2 workers", "shard loader, 2 workers (vs folder)",
+             "PIL decode, original 600x450", "PIL decode, stored 64 px"},
+    "train": {"report loop (Dataset over 600x450 JPEGs)", "ours (runtime.trainer, seed preset, shards)"},
+    "ddp": {"1 process, 1 thread", "2 processes x 1 thread"},
+    "encode": {"tiny, batch 1", "tiny, batch 4", "tiny, batch 16", "tiny, batch 64"},
+    "sample": {"tiny, batch 1", "tiny, batch 4", "tiny, batch 32"},
+    "memory": {"python + torch + bench imports", "data: shard loader, 1 worker, 64 px",
+               "train: ours (runtime.trainer)", "train: report loop", "encode: tiny, batch 64",
+               "sample: tiny, batch 32"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    # One intra-op thread, like the other stage subprocesses of the test suite (2 cores, shared).
+    done = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=REPO,
+                          env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jsons = list(out.glob("*.json"))
+    assert len(jsons) == 1, f"expected one JSON in {out}: {sorted(p.name for p in out.iterdir())}"
+    return out, json.loads(jsons[0].read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_expected_row(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, result = quick_run
+    names: dict[str, set[str]] = {}
+    for row in result["rows"]:
+        names.setdefault(row["bench"], set()).add(row["name"])
+    assert set(names) == set(EXPECTED)
+    for bench, expected in EXPECTED.items():
+        assert expected <= names[bench], f"{bench}: missing {expected - names[bench]}"
+    table = next(out.glob("*.md")).read_text()
+    for row in result["rows"]:
+        assert f"| {row['bench']} | {row['name']} |" in table
+
+
+@pytest.mark.slow
+def test_quick_run_numbers_are_positive_with_ratios(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, result = quick_run
+    assert result["meta"]["quick"] is True
+    assert result["meta"]["device"] and result["meta"]["torch"] and result["meta"]["cpu_cores"] >= 1
+    for row in result["rows"]:
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        if row["name"] == row["baseline"]:
+            assert row["ratio"] == pytest.approx(1.0)
+
+
+def test_ratios_divide_by_the_named_baseline_of_the_same_bench() -> None:
+    rows = [Row("a", "base", 4.0, "x/s", "base"), Row("a", "fast", 10.0, "x/s", "base"),
+            Row("b", "base", 1.0, "x/s", "base")]
+    table = with_ratios(rows)
+    assert [r["ratio"] for r in table] == [1.0, 2.5, 1.0]
+    meta = {"host": "h", "device": "cpu", "cpu_model": "m", "cpu_cores": 2, "torch": "t", "python": "p",
+            "date": "d", "quick": True}
+    assert "| a | fast | 10 | x/s | base | 2.50 |  |" in markdown(table, meta)
