@@ -130,7 +130,7 @@ def _checkpoints(run_dir: Path, stage: str = "vqvae") -> list[Path]:
 
 
 def _output_digests(run: Path) -> dict[str, str]:
-    """What must be identical between two runs of the same config (see docs/cluster.md)."""
+    """What must be identical between two runs of the same config (see "Determinism" in the README)."""
     out: dict[str, str] = {}
     for split in ("train", "val", "test"):
         for shard in json.loads((run / "data" / split / "manifest.json").read_text())["shards"]:
