@@ -30,6 +30,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from tqdm import tqdm
 
 from runtime.checkpoint import (
+    CheckpointError,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -138,16 +139,16 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def check_training_shards(split: Path) -> None:
     """Refuse to train on shards that are missing, truncated or modified since packing (sha256 against the
-    split manifest; about 1 s per GB, once per start). Damaged data would otherwise only show up as samples
-    silently missing from every epoch, or as wrong pixels that nothing notices."""
+    manifests of the train and val splits; about 1 s per GB, once per start). Damaged data would otherwise show
+    up only as samples silently missing from every epoch, or as wrong pixels that nothing notices."""
     val = split.parent / "val"  # evaluation reads the sibling val split: an empty one would fail mid-training
     if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
         raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
                           f"with enough images that the val split gets at least one (e.g. data.num_images)")
-    problems = verify_shards(split)
+    problems = verify_shards(split) + verify_shards(val)
     if problems:
         raise ManifestError(
-            f"{split}: {len(problems)} shard(s) do not match their manifest, refusing to train on them: "
+            f"{split.parent}: {len(problems)} shard(s) do not match their manifest, refusing to train on them: "
             f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Check with `python -m shards "
             f"inspect {split.parent}` and repack (e.g. python launch/pipeline.py --only data).")
 
@@ -174,7 +175,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         if state.config_digest != plan.digest:
-            raise SystemExit(
+            raise CheckpointError(  # a UserError: one line, exit 2 (SystemExit gave exit 1)
                 f"checkpoint {resume_from} belongs to another configuration or input data "
                 f"(digest {state.config_digest} != {plan.digest}); use a new run_dir or --resume none")
         if accelerator.is_main_process:
@@ -235,7 +236,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
                 means |= {"lr": learning_rate(optim, state.step - 1), "epoch": epoch,
                           "images_per_s": images_seen / max(elapsed, 1e-9), "bad_samples": dropped.item()}
                 logger.log(state.step, {f"train/{k}": v for k, v in means.items()})
-                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
             if state.step % optim.eval_every == 0 or state.step == optim.max_steps:
                 _evaluate(task, accelerator, model, state.step, plan.out_dir, logger)
             if state.step % optim.checkpoint_every == 0 or state.step == optim.max_steps:
