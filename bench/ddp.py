@@ -80,7 +80,8 @@ def run(quick: bool) -> list[Row]:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         data_dir = Path(tmp) / "data"
-        pack_synthetic(build_config("smoke", _config_args(setup, Path(tmp))).data, data_dir)
+        cfg = build_config("smoke", _config_args(setup, Path(tmp)))
+        pack_synthetic(cfg.data, data_dir)
         runs = [(1, 1), (1, cores), (2, 1)] if cores >= 2 else [(1, 1), (2, 1)]
         results = {}
         for processes, threads in runs:
@@ -88,9 +89,9 @@ def run(quick: bool) -> list[Row]:
             run_dir.mkdir()
             results[processes, threads] = launch(setup, data_dir, run_dir, processes, threads)
     base = "1 process, 1 thread"
-    how = (f"{setup.batch} images/process/step, {setup.steps} timed steps after {setup.warmup}, "
-           f"{' '.join(o for o in setup.overrides if o.startswith(('data.image', 'vqvae.')))}")
-    rows = [Row("ddp", base, results[1, 1][0], "images/s", base, f"smoke preset; {how}; {results[1, 1][1]}")]
+    how = (f"smoke preset, {cfg.vqvae.arch} VQ-VAE {cfg.vqvae.channels} at {cfg.data.image_size} px, "
+           f"{setup.batch} images/process/step, {setup.steps} timed steps after {setup.warmup}")
+    rows = [Row("ddp", base, results[1, 1][0], "images/s", base, f"{how}; {results[1, 1][1]}")]
     if (1, cores) in results:
         rows.append(Row("ddp", f"1 process, {cores} threads", results[1, cores][0], "images/s", base,
                         f"intra-op threads only; {results[1, cores][1]}"))

@@ -89,7 +89,7 @@ def build_plan(cfg: RunConfig, resume: str, codes_dir: Path | None = None) -> tu
     manifest = require_manifest(cfg, "encode", codes_dir)
     upstream = manifest_hash(cfg, "encode", codes_dir)
     plan = TrainPlan(
-        out_dir=stage_dir(cfg, "prior"), train_split=codes_dir / "train",
+        out_dir=stage_dir(cfg, "prior"), train_split=codes_dir / "train", val_split=codes_dir / "val",
         num_train_samples=int(manifest["splits"]["train"]["num_samples"]), optim=cfg.prior_train, config=cfg,
         digest=training_digest(cfg, "prior", "prior_train", upstream),
         inputs={"codes_manifest": str(codes_dir / "manifest.json"), "codes_manifest_hash": upstream,

@@ -75,6 +75,7 @@ class TrainPlan:
 
     out_dir: Path
     train_split: Path
+    val_split: Path
     num_train_samples: int
     optim: OptimConfig
     config: RunConfig
@@ -137,11 +138,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def check_training_shards(split: Path) -> None:
+def check_training_shards(split: Path, val: Path) -> None:
     """Refuse to train on shards that are missing, truncated or modified since packing (sha256 against the
     manifests of the train and val splits; about 1 s per GB, once per start). Damaged data would otherwise show
     up only as samples silently missing from every epoch, or as wrong pixels that nothing notices."""
-    val = split.parent / "val"  # evaluation reads the sibling val split: an empty one would fail mid-training
+    # Evaluation reads the val split: an empty one would fail mid-training, so refuse it up front.
     if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
         raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
                           f"with enough images that the val split gets at least one (e.g. data.num_images)")
@@ -156,7 +157,7 @@ def check_training_shards(split: Path) -> None:
 def train(task: TrainTask, plan: TrainPlan) -> int:
     """Run (or resume) training; returns the process exit status (0 done, EXIT_REQUEUE stopped)."""
     optim, cfg = plan.optim, plan.config
-    check_training_shards(plan.train_split)  # every rank, before any process group exists: no hang
+    check_training_shards(plan.train_split, plan.val_split)  # every rank, before any process group exists: no hang
     accelerator = make_accelerator(optim, plan.process_group_timeout_s)
     if plan.num_train_samples < accelerator.num_processes:  # every rank raises: no collective, no hang
         raise ConfigError(
@@ -199,7 +200,9 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
                             keep=plan.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    images_seen, bad_samples, t0, exit_status = 0, 0, time.perf_counter(), 0
+    # Throughput since the previous log row (not since start: loader start-up and evaluations would
+    # drag a running average down).
+    images_seen, bad_samples, t_log, exit_status = 0, 0, time.perf_counter(), 0
     while state.step < optim.max_steps and exit_status == 0:
         epoch, start = divmod(state.step, spe)
         loader = make_train_loader(plan.train_split, batch_size=optim.batch_size, rank=rank, world_size=world,
@@ -231,10 +234,11 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
             if state.step % optim.log_every == 0 or state.step == optim.max_steps:
                 scalars = {"loss": loss.detach(), **{k: v.detach() for k, v in extras.items()}}
                 means = {k: accelerator.reduce(v.float().reshape(1), "mean").item() for k, v in scalars.items()}
-                elapsed = time.perf_counter() - t0
+                elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
                 dropped = accelerator.reduce(torch.tensor([float(bad_samples)], device=accelerator.device), "sum")
                 means |= {"lr": learning_rate(optim, state.step - 1), "epoch": epoch,
                           "images_per_s": images_seen / max(elapsed, 1e-9), "bad_samples": dropped.item()}
+                images_seen = 0
                 logger.log(state.step, {f"train/{k}": v for k, v in means.items()})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
             if state.step % optim.eval_every == 0 or state.step == optim.max_steps:

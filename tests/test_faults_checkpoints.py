@@ -56,6 +56,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
 def _unfinished_copy(finished: Path, dest: Path, keep_up_to: int) -> Path:
     """The finished run as if it had been stopped after step ``keep_up_to``."""
     shutil.copytree(finished, dest, symlinks=True)
+    tiny_config(dest, *EXTRA)  # same settings, run_dir pointing at the copy
     (dest / "vqvae" / "manifest.json").unlink()
     shutil.rmtree(dest / "vqvae" / "final")
     for ckpt in (dest / "vqvae" / "checkpoints").iterdir():
@@ -135,3 +136,14 @@ def test_all_checkpoints_damaged_starts_over_and_still_matches(tmp_path, finishe
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("skipping damaged checkpoint") == 2 and "resumed from" not in result.stderr
     assert _weights_sha(run_dir) == _weights_sha(finished)
+
+
+def test_checkpoint_of_another_configuration_is_refused_not_resumed(tmp_path, finished):
+    """The same run dir trained again with a setting that changes the weights: never mixed, exit 2."""
+    run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
+    tiny_config(run_dir, *EXTRA, "vqvae_train.lr=0.003")
+    result = _train(run_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "step-00000015 belongs to another configuration or input data" in result.stderr
+    assert "use a new run_dir or --resume none" in result.stderr
+    assert not (run_dir / "vqvae" / "manifest.json").exists()

@@ -148,7 +148,7 @@ def test_kill9_at_random_steps_and_mid_checkpoint_write_resumes_bitwise(referenc
     assert leftovers == [], f"stale temporary checkpoints kept: {leftovers}"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_stop_signal_checkpoints_exits_75_and_resume_is_bitwise_identical(reference, tmp_path, tiny_data, sig):
     run_dir = _make_run(tmp_path, tiny_data, "stopped", "vqvae_train.checkpoint_every=7")
     proc = _start(_train_argv(run_dir))

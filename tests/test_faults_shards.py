@@ -168,11 +168,12 @@ def _damage(shard: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(("how", "message"), [("missing", "missing"), ("truncated", "size"),
-                                              ("modified", "sha256 differs")])
+                                              ("modified", "sha256 differs"), ("val-missing", "missing")])
 def test_training_refuses_missing_truncated_or_modified_shards_before_any_work(tmp_path, tiny_data, how, message):
     run_dir, config = _own_run(tmp_path, tiny_data)
-    shard = run_dir / "data" / "train" / read_manifest(run_dir / "data" / "train")["shards"][2]["name"]
-    _damage(shard, how)
+    split = run_dir / "data" / ("val" if how.startswith("val-") else "train")
+    shard = split / read_manifest(split)["shards"][-1]["name"]
+    _damage(shard, how.removeprefix("val-"))
     result = _train(config)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr

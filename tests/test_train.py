@@ -62,3 +62,4 @@ def test_wandb_runs_offline_by_default(tiny_run: Callable[..., Any]) -> None:
     runs = list((cfg.run_dir / "vqvae" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, os.listdir(cfg.run_dir / "vqvae")
     assert any(runs[0].rglob("*.wandb"))  # the offline log that `wandb sync` would upload
+

@@ -74,7 +74,7 @@ def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tup
     train_split = data_dir / "train"
     upstream = manifest_hash(cfg, "data", data_dir)
     plan = TrainPlan(
-        out_dir=stage_dir(cfg, "vqvae"), train_split=train_split,
+        out_dir=stage_dir(cfg, "vqvae"), train_split=train_split, val_split=data_dir / "val",
         num_train_samples=read_manifest(train_split)["num_samples"], optim=cfg.vqvae_train, config=cfg,
         digest=training_digest(cfg, "vqvae", "vqvae_train", upstream),
         inputs={"data_manifest": str(data_dir / "manifest.json"), "data_manifest_hash": upstream}, resume=resume)
