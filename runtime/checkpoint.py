@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.errors import UserError
-from runtime.files import TMP_MARK, sha256_file
+from runtime.files import TMP_MARK, atomic_path, fsync_dir, sha256_file
 from runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -61,15 +61,9 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
     ``metadata`` is stored as ONE safetensors metadata entry ``lesion_vq`` (sorted JSON): safetensors
     writes its metadata map in hash order, so several entries would make identical weights give files
     (and ``weights_sha256``) that differ from process to process."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
-    os.close(fd)
     packed = {"lesion_vq": json.dumps(metadata, sort_keys=True)} if metadata else None
-    try:
-        save_file(_model_tensors(model), tmp, metadata=packed)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(_model_tensors(model), str(tmp), metadata=packed)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -130,6 +124,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
         if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
             _discard(final)
         os.replace(tmp, final)
+        fsync_dir(directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -71,8 +71,19 @@ def main() -> None:
     from accelerate.commands.accelerate_cli import main as accelerate_main
 
     sys.argv = ["accelerate", *rest]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from runtime.signals import EXIT_REQUEUE
+
     try:
         accelerate_main()
+    except SignalException as err:
+        # SIGTERM reached the launcher too (scancel, pre-emption: Slurm signals every process). torchrun
+        # has already passed it on to the workers and waited for them; they checkpoint on it at the next
+        # step, so this run is one to requeue and resume, not a failure.
+        print(f"runtime.launcher: stopped by {signal.Signals(err.sigval).name}; exiting {EXIT_REQUEUE} "
+              "to be requeued (the workers checkpoint on the same signal)", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)
     except Exception as err:  # a worker failed: exit with ITS status, so 75 ("requeue me") survives
         code = worker_exit_status(err)
         if code is None:

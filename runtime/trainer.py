@@ -217,6 +217,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
                 loss, extras = task.loss(model, batch)
             if _any_rank(not bool(torch.isfinite(loss.detach()).item()), accelerator.device):
                 last = latest_checkpoint(ckpt_dir)
+                bar.close()  # the error message gets a line of its own
                 raise NonFiniteLossError(
                     f"{task.stage}: loss became {loss.item()} at step {state.step} on at least one rank; "
                     f"stopped before updating the weights. Last good checkpoint: {last or 'none'}. "

@@ -5,7 +5,7 @@ accounting: each input image either ends up in exactly one shard sample or is na
 ``skipped`` list with a reason, and ``found == packed + skipped`` exactly. Cases already covered
 elsewhere (the two real ISIC JPEGs plus zero-byte / truncated / garbage / PNG-as-.jpg / CMYK / RGBA
 files in tests/test_shards_pack.py; ISIC 2019 one-hot CSV with BOM, CRLF and duplicates in
-tests/test_shards_ingest.py) are not repeated; see docs/faults.md.
+tests/test_shards_ingest.py) are not repeated; see the README, "Reliability: injected faults".
 """
 
 from __future__ import annotations

@@ -231,8 +231,6 @@ def test_ddp_one_rank_killed_the_others_exit_with_an_error_in_bounded_time(tmp_p
     print(f"launcher ended {took:.1f} s after a rank was killed, exit {code}")
 
 
-@pytest.mark.xfail(reason="runtime/launcher.py (not owned here): SIGTERM to the launcher itself raises torch's "
-                          "SignalException -> exit 1, hiding the workers' 75; see docs/faults.md", strict=False)
 def test_ddp_sigterm_to_every_process_exits_75(tmp_path, tiny_data):
     """What ``scancel`` / pre-emption does: SIGTERM to every process, launcher included."""
     run_dir = _make_run(tmp_path, tiny_data, "ddp-term", "vqvae_train.checkpoint_every=5")

@@ -1,6 +1,6 @@
 """Fault injection, shards: damaged, missing, modified and hostile tar shards.
 
-Decided behaviour (docs/faults.md):
+Decided behaviour (README, "Reliability: injected faults"):
 
 - The reader (shards.stream) never stops on bad data: a damaged tar, an undecodable sample, a member
   with a non-allowed extension (.pyd, .pickle: never unpickled) or an unsafe key ('../x', '/abs') is
