@@ -3,8 +3,8 @@
 Launched with :func:`runtime.launcher.accelerate_command` (``ACCELERATE_USE_CPU=1``: real
 MULTI_CPU DDP over gloo, checked in the stage manifest). The per-process batch is fixed, so two
 processes train on twice the images per step; throughput is the trainer's own
-``train/images_per_s`` (all ranks' images) between the first and the last log row, which leaves
-out start-up. ``OMP_NUM_THREADS`` is set per run so processes × threads never exceed the cores:
+``train/images_per_s`` (all ranks' images, per step) over the steps after the warm-up, which
+leaves out start-up. ``OMP_NUM_THREADS`` is set per run so processes × threads never exceed the cores:
 scaling efficiency = 2-process images/s / 1-process images/s at one thread per process; the
 1-process run with every core shows what the second process adds over plain intra-op threads.
 """
@@ -47,7 +47,7 @@ FULL = Setup((*_COMMON, "data.num_images=600"), batch=16, warmup=5, steps=25)  #
 
 def _config_args(setup: Setup, run_dir: Path) -> list[str]:
     return [*setup.overrides, f"run_dir={run_dir}", f"vqvae_train.batch_size={setup.batch}",
-            f"vqvae_train.max_steps={setup.last}", f"vqvae_train.log_every={setup.warmup}",
+            f"vqvae_train.max_steps={setup.last}", "vqvae_train.log_every=1",
             f"vqvae_train.eval_every={setup.last}", f"vqvae_train.checkpoint_every={setup.last}"]
 
 
@@ -68,10 +68,9 @@ def launch(setup: Setup, data_dir: Path, run_dir: Path, processes: int, threads:
     rows = {r["step"]: r for r in read_metrics(run_dir / "vqvae" / "metrics.jsonl") if "train/images_per_s" in r}
     per_step = setup.batch * processes
 
-    def elapsed(step: int) -> float:
-        return step * per_step / rows[step]["train/images_per_s"]
-
-    rate = setup.steps * per_step / (elapsed(setup.last) - elapsed(setup.warmup))
+    # log_every=1: each row's rate covers exactly one step (the trainer logs the rate since its previous row).
+    seconds = sum(per_step / rows[step]["train/images_per_s"] for step in range(setup.warmup + 1, setup.last + 1))
+    rate = setup.steps * per_step / seconds
     return rate, manifest["distributed_type"]
 
 

@@ -69,10 +69,10 @@ def ours_images_per_s(inputs: Inputs, setup: Setup, run_dir: Path, dev: torch.de
         raise RuntimeError(f"training in {run_dir} did not finish")
     rows = {r["step"]: r for r in read_metrics(plan.out_dir / "metrics.jsonl") if "train/images_per_s" in r}
 
-    def elapsed(step: int) -> float:  # the trainer logs images seen since its start / seconds since its start
-        return step * setup.batch / rows[step]["train/images_per_s"]
-
-    return setup.steps * setup.batch / (elapsed(last) - elapsed(setup.warmup))
+    # With log_every=1 each row's images_per_s covers exactly one step (the trainer logs the rate since
+    # its previous row), so a step's seconds are batch / rate.
+    seconds = sum(setup.batch / rows[step]["train/images_per_s"] for step in range(setup.warmup + 1, last + 1))
+    return setup.steps * setup.batch / seconds
 
 
 def run(quick: bool) -> list[Row]:

@@ -45,9 +45,11 @@ def require_manifest(cfg: RunConfig, stage: str, path: Path | None = None) -> di
     return read_json(manifest)
 
 
-_VOLATILE = frozenset({"created"})
-"""Manifest keys that say when, not what: left out of a manifest's identity, so the same inputs give
-the same downstream digests (and byte-identical weights files) in every run."""
+_VOLATILE = frozenset({"created", "config", "inputs"})
+"""Manifest keys that say when or where, not what: creation time; and, in training manifests, the full
+config (with its run_dir) and input paths, whose relevant parts the ``digest`` entry already covers.
+Left out of a manifest's identity, so the same inputs give the same downstream digests (and
+byte-identical weights files) in every run directory."""
 
 
 def _content(value: Any) -> Any:

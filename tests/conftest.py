@@ -21,7 +21,8 @@ from helpers import tiny_config
 
 from runtime.config import DataConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the repository, or wherever LESION_VQ_SHARED_DATA points.
+SHARED_DATA = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
