@@ -4,7 +4,7 @@ Launched with :func:`runtime.launcher.accelerate_command` (``ACCELERATE_USE_CPU=
 MULTI_CPU DDP over gloo, checked in the stage manifest). The per-process batch is fixed, so two
 processes train on twice the images per step; throughput is the trainer's own
 ``train/images_per_s`` (all ranks' images, per step) over the steps after the warm-up, which
-leaves out start-up. ``OMP_NUM_THREADS`` is set per run so processes × threads never exceed the cores:
+leaves out start-up. Threads per process are set per run so processes × threads never exceed the cores:
 scaling efficiency = 2-process images/s / 1-process images/s at one thread per process; the
 1-process run with every core shows what the second process adds over plain intra-op threads.
 """
@@ -57,8 +57,8 @@ def launch(setup: Setup, data_dir: Path, run_dir: Path, processes: int, threads:
     save_config(cfg, run_dir / "config.json")
     (run_dir / "data").symlink_to(data_dir, target_is_directory=True)
     argv, extra = accelerate_command("vqvae/train.py", ["--config", str(run_dir / "config.json")],
-                                     processes=processes, main_port=free_port())
-    env = os.environ | extra | {"OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+                                     processes=processes, main_port=free_port(), threads=threads)
+    env = os.environ | extra | {"WANDB_MODE": "disabled"}
     done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{processes}-process launch failed ({done.returncode}):\n{done.stderr[-3000:]}")

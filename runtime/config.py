@@ -181,10 +181,12 @@ def _smoke() -> dict[str, Any]:
         "preset": "smoke",
         "run_dir": "runs/smoke",
         "data": {"num_images": 700, "image_size": 64, "shard_max_count": 128},
+        # ema_decay 0.95: a short run must notice dead codes quickly (0.99 left 80% of the codebook
+        # unused after 300 steps); batch 16 x 600 steps beat 32 x 300 at the same cost (PSNR 25.2 vs 23.5).
         "vqvae": {"arch": "improved", "channels": [32, 64], "res_blocks": 1, "codebook_size": 128,
-                  "code_dim": 32, "quantizer": "ema"},
-        "vqvae_train": {"batch_size": 32, "lr": 2e-3, "max_steps": 300, "checkpoint_every": 100,
-                        "eval_every": 100, "schedule": "cosine", "warmup_steps": 20},
+                  "code_dim": 32, "quantizer": "ema", "ema_decay": 0.95},
+        "vqvae_train": {"batch_size": 16, "lr": 2e-3, "max_steps": 600, "checkpoint_every": 200,
+                        "eval_every": 200, "schedule": "cosine", "warmup_steps": 20},
         "prior": {"arch": "gated", "filters": 64, "layers": 6, "kernel_size": 5, "embed_dim": 32},
         "prior_train": {"batch_size": 32, "lr": 2e-3, "max_steps": 300, "checkpoint_every": 100,
                         "eval_every": 150, "schedule": "cosine", "augment": False},

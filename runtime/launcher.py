@@ -24,22 +24,23 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def accelerate_command(script: str, script_args: list[str], *, processes: int, num_machines: int = 1,
                        machine_rank: int = 0, main_address: str = "127.0.0.1", main_port: int = 29500,
                        use_gpu: bool = False, mixed_precision: str = "no",
-                       stop_signal: str = "USR2") -> tuple[list[str], dict[str, str]]:
+                       stop_signal: str = "USR2", threads: int | None = None) -> tuple[list[str], dict[str, str]]:
     """argv and extra environment for one node of a (possibly multi-node) training launch."""
     total = processes * num_machines
     cmd = [sys.executable, "-m", "runtime.launcher", stop_signal, "launch",
            "--num_processes", str(total), "--num_machines", str(num_machines),
            "--machine_rank", str(machine_rank), "--main_process_ip", main_address,
            "--main_process_port", str(main_port), "--mixed_precision", mixed_precision,
-           "--dynamo_backend", "no"]
+           "--dynamo_backend", "no",
+           # accelerate would otherwise pin every process to 1 intra-op thread (OMP_NUM_THREADS=1), and a
+           # lone CPU process would use half of a 2-core node. The cores this process may use (its
+           # affinity: a Slurm allocation, not the whole node) are shared out, so processes never fight.
+           "--num_cpu_threads_per_process", str(threads or max(1, len(os.sched_getaffinity(0)) // processes))]
     if total > 1:
         cmd.append("--multi_gpu")  # "multi-process" in accelerate's vocabulary; with USE_CPU it is MULTI_CPU
         if num_machines > 1:
             cmd += ["--rdzv_backend", "c10d"]
     env = {} if use_gpu else {"ACCELERATE_USE_CPU": "1"}
-    if not use_gpu and total > 1:
-        # 2-core CPU nodes: one intra-op thread per process, or the processes fight over cores.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     return [*cmd, os.path.join(REPO_ROOT, script), *script_args], env
 
 
