@@ -146,7 +146,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        factor = 2 ** len(self.vqvae.channels)
+        factor = self.downsample_factor
         if self.data.image_size % factor:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is not divisible by the VQ-VAE down-sampling "

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from runtime.config import RunConfig, build_config, save_config
 
@@ -36,3 +42,46 @@ def tiny_config(run_dir: Path, *extra: str) -> RunConfig:
 def stage_env(**extra: str) -> dict[str, str]:
     """Environment for stage subprocesses: quiet, single-threaded math so 2 processes share 2 cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+
+
+# ----- the local Slurm (slurm/local-cluster.sh up) --------------------------------------------------
+REQUIRE_SLURM = os.environ.get("LESION_VQ_REQUIRE_SLURM") == "1"
+USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE")
+
+
+def run_quiet(cmd: list[str], timeout: float = 20, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+@functools.cache
+def _cluster_problem() -> str | None:
+    """None when the local Slurm is usable, else a human-readable reason."""
+    for tool in ("sinfo", "sbatch", "sacct", "scancel", "scontrol"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not on PATH"
+    try:
+        info = run_quiet(["sinfo", "-h", "-o", "%T"])
+        if info.returncode != 0:
+            return f"`sinfo` failed: {(info.stderr or info.stdout).strip()[-300:]}"
+        states = info.stdout.split()
+        if not any(s in USABLE_NODE_STATES for s in states):  # "idle*" = not responding
+            return f"no usable node (sinfo states: {states or 'none'})"
+        acct = run_quiet(["sacct", "-n", "-X", "-S", "now-1minutes"])
+        if acct.returncode != 0:
+            return f"`sacct` failed: {(acct.stderr or acct.stdout).strip()[:300]}"
+    except subprocess.TimeoutExpired as exc:
+        return f"`{' '.join(exc.cmd)}` timed out"
+    return None
+
+
+def need_slurm() -> None:
+    """Skip (with the reason) without a usable local Slurm; fail instead under LESION_VQ_REQUIRE_SLURM=1."""
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    msg = f"local Slurm cluster not usable: {problem} (start it: slurm/local-cluster.sh up)"
+    if REQUIRE_SLURM:
+        pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
+    pytest.skip(msg)

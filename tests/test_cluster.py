@@ -7,10 +7,8 @@ Skipped (with the reason) when ``sinfo`` is missing or the cluster is not usable
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,59 +17,20 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, TERMINAL_STATES, need_slurm, run_quiet, stage_env, tiny_config
 
 from launch.stages import mark_stage_done
 from runtime.config import build_config, save_config
 
 pytestmark = pytest.mark.slurm
 
-REQUIRE = os.environ.get("LESION_VQ_REQUIRE_SLURM") == "1"
-USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE")
 PIPELINE = [sys.executable, "launch/pipeline.py"]
-
-
-# ----- cluster availability (mirrors tests/test_local_cluster.py) ----------------------------------
-def _run(cmd: list[str], timeout: float = 20, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore
-
-
-@functools.cache
-def _cluster_problem() -> str | None:
-    for tool in ("sinfo", "sbatch", "sacct", "scancel", "scontrol"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not on PATH"
-    try:
-        info = _run(["sinfo", "-h", "-o", "%T"])
-        if info.returncode != 0:
-            return f"`sinfo` failed: {(info.stderr or info.stdout).strip()[-300:]}"
-        states = info.stdout.split()
-        if not any(s in USABLE_NODE_STATES for s in states):
-            return f"no usable node (sinfo states: {states or 'none'})"
-        acct = _run(["sacct", "-n", "-X", "-S", "now-1minutes"])
-        if acct.returncode != 0:
-            return f"`sacct` failed: {(acct.stderr or acct.stdout).strip()[:300]}"
-    except subprocess.TimeoutExpired as exc:
-        return f"`{' '.join(exc.cmd)}` timed out"
-    return None
-
-
-def _need_cluster() -> None:
-    problem = _cluster_problem()
-    if problem is None:
-        return
-    msg = f"local Slurm cluster not usable: {problem} (start it: slurm/local-cluster.sh up)"
-    if REQUIRE:
-        pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
-    pytest.skip(msg)
 
 
 # ----- job helpers ---------------------------------------------------------------------------------
 def _sacct(job_id: str) -> list[tuple[str, str, str]]:
     """(JobID, State, Reason) rows of a job (one per array task)."""
-    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,Reason"])
+    out = run_quiet(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,Reason"])
     return [tuple(line.split("|")[:3]) for line in out.stdout.splitlines() if line.count("|") >= 2]  # type: ignore
 
 
@@ -80,7 +39,7 @@ def _state(job_id: str) -> str:
     if not rows:
         return ""
     states = [r[1].split()[0] for r in rows]
-    live = [s for s in states if not s.startswith(TERMINAL)]
+    live = [s for s in states if not s.startswith(TERMINAL_STATES)]
     return live[0] if live else ("COMPLETED" if set(states) == {"COMPLETED"} else
                                  next(s for s in states if s != "COMPLETED"))
 
@@ -97,21 +56,22 @@ def _wait(predicate, what: str, timeout: float, poll: float = 0.5):
 
 def _wait_terminal(job_id: str, timeout: float) -> str:
     try:
-        return _wait(lambda: (s := _state(job_id)).startswith(TERMINAL) and s, f"job {job_id} to finish", timeout)
+        return _wait(lambda: (s := _state(job_id)).startswith(TERMINAL_STATES) and s, f"job {job_id} to finish",
+                     timeout)
     except BaseException:
-        _run(["scancel", job_id])
+        run_quiet(["scancel", job_id])
         raise
 
 
 def _sbatch(*args: str, env: dict[str, str]) -> str:
-    out = _run(["sbatch", "--parsable", *args], cwd=REPO, env=env)
+    out = run_quiet(["sbatch", "--parsable", *args], cwd=REPO, env=env)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     return out.stdout.strip().split(";")[0]
 
 
 def _pipeline(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     try:
-        return _run([*PIPELINE, *args], timeout=timeout, cwd=REPO, env=stage_env())
+        return run_quiet([*PIPELINE, *args], timeout=timeout, cwd=REPO, env=stage_env())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"pipeline {' '.join(args)} did not return in {timeout:.0f}s:\n{exc.stdout}\n{exc.stderr}")
 
@@ -148,13 +108,13 @@ def _output_digests(run: Path) -> dict[str, str]:
 # ----- 1. the whole chain through submitit ---------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _cluster_up() -> None:
-    _need_cluster()
+    need_slurm()
 
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], float]:
     """`pipeline.py --cluster --wait` from scratch (data -> ... -> report), shared by two tests."""
-    _need_cluster()  # module fixtures run before the autouse check
+    need_slurm()  # module fixtures run before the autouse check
     run_dir = tmp_path_factory.mktemp("cluster-chain") / "run"
     tiny_config(run_dir)
     started = time.monotonic()
@@ -213,9 +173,9 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     for stage in ("data", "vqvae", "encode"):
         assert re.search(rf"stage {stage}\s+up to date, not submitted", first.stdout), first.stdout
     # The chain, as Slurm records it: sample waits on prior, report on sample.
-    show = _run(["scontrol", "show", "job", ids["report"]]).stdout
+    show = run_quiet(["scontrol", "show", "job", ids["report"]]).stdout
     assert f"afterok:{ids['sample']}" in show or _state(ids["report"]).startswith("CANCELLED"), show
-    show = _run(["scontrol", "show", "job", ids["sample"]]).stdout
+    show = run_quiet(["scontrol", "show", "job", ids["sample"]]).stdout
     assert f"afterok:{ids['prior']}" in show or _state(ids["sample"]).startswith("CANCELLED"), show
 
     assert _wait_terminal(ids["prior"], 180).startswith("FAILED")
@@ -227,7 +187,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     err = next((run_dir / "slurm" / "prior" / ids["prior"]).glob("*_log.err")).read_text()
     assert "loss became" in err, err[-2000:]
     # What `--wait` reports for it: the failed and cancelled stages, their logs, exit status 1.
-    report = _run([sys.executable, "-c", "import sys; from launch.cluster import follow; "
+    report = run_quiet([sys.executable, "-c", "import sys; from launch.cluster import follow; "
                    "from runtime.config import load_config; from pathlib import Path; "
                    f"sys.exit(follow(load_config(Path({config!r})), {ids!r}, poll_s=0.5))"], cwd=REPO, timeout=60)
     assert report.returncode == 1, report.stdout + report.stderr
@@ -257,13 +217,13 @@ def test_sbatch_train_vqvae_by_hand(tiny_run) -> None:
         assert manifest["steps"] == cfg.vqvae_train.max_steps and manifest["world_size"] == 1
         log.unlink()  # kept for inspection when the test fails
     finally:
-        _run(["scancel", job])
+        run_quiet(["scancel", job])
 
 
 def _preempt_when_checkpointed(job: str, run_dir: Path, *signal_args: str) -> int:
     """Wait for the first checkpoint, send the warning signal; returns the step it had reached."""
     _wait(lambda: _state(job) == "RUNNING" and _checkpoints(run_dir), f"job {job} to save a checkpoint", 150, 0.3)
-    sent = _run(["scancel", *signal_args, "--signal=USR2", job])
+    sent = run_quiet(["scancel", *signal_args, "--signal=USR2", job])
     assert sent.returncode == 0, sent.stderr
     return int(_checkpoints(run_dir)[-1].name.split("-")[1])
 
@@ -296,7 +256,7 @@ def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
         assert len(digests) == 2 and len(set(digests)) == 1, digests
         log.unlink()  # kept for inspection when the test fails
     finally:
-        _run(["scancel", job])
+        run_quiet(["scancel", job])
 
 
 # ----- 3. pre-emption through submitit (pipeline --cluster) ----------------------------------------
@@ -323,4 +283,4 @@ def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
         assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
         assert (run_dir / ".pipeline" / "vqvae.done.json").is_file()
     finally:
-        _run(["scancel", job])
+        run_quiet(["scancel", job])

@@ -6,76 +6,23 @@ Skipped (with the reason) when ``sinfo`` is not on PATH or the cluster is not us
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from helpers import TERMINAL_STATES, need_slurm, run_quiet
 
 pytestmark = pytest.mark.slurm
 
-REQUIRE = os.environ.get("LESION_VQ_REQUIRE_SLURM") == "1"
-USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
-TERMINAL_PREFIXES = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-)
-
-
-def _run(cmd: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@functools.cache
-def _cluster_problem() -> str | None:
-    """None when the cluster is usable, else a human-readable reason."""
-    for tool in ("sinfo", "sbatch", "sacct"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not on PATH"
-    try:
-        info = _run(["sinfo", "-h", "-o", "%T"])
-        if info.returncode != 0:
-            detail = " | ".join((info.stderr or info.stdout).strip().splitlines())
-            return f"`sinfo` failed: {detail[-300:]}"
-        states = info.stdout.split()
-        if not any(s in USABLE_NODE_STATES for s in states):  # "idle*" = not responding
-            return f"no usable node (sinfo states: {states or 'none'})"
-        acct = _run(["sacct", "-n", "-X", "-S", "now-1minutes"])
-        if acct.returncode != 0:
-            return f"`sacct` failed: {(acct.stderr or acct.stdout).strip()[:300]}"
-    except subprocess.TimeoutExpired as exc:
-        return f"`{' '.join(exc.cmd)}` timed out"
-    return None
-
-
-def _need_cluster() -> None:
-    problem = _cluster_problem()
-    if problem is None:
-        return
-    msg = f"local Slurm cluster not usable: {problem} (start it: slurm/local-cluster.sh up)"
-    if REQUIRE:
-        pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
-    pytest.skip(msg)
-
-
 def _sbatch(*args: str) -> str:
-    out = _run(["sbatch", "--parsable", *args])
+    out = run_quiet(["sbatch", "--parsable", *args])
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     return out.stdout.strip().split(";")[0]
 
 
 def _sacct_state(job_id: str) -> str:
-    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    out = run_quiet(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
     lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
@@ -85,7 +32,7 @@ def _wait_terminal(job_id: str, timeout: float = 60.0) -> str:
     state = ""
     while time.monotonic() < deadline:
         state = _sacct_state(job_id)
-        if state.startswith(TERMINAL_PREFIXES):
+        if state.startswith(TERMINAL_STATES):
             return state
         time.sleep(0.3)
     subprocess.run(["scancel", job_id], check=False, capture_output=True)
@@ -94,7 +41,7 @@ def _wait_terminal(job_id: str, timeout: float = 60.0) -> str:
 
 @pytest.mark.timeout(90)
 def test_sbatch_hostname_completes(tmp_path: Path) -> None:
-    _need_cluster()
+    need_slurm()
     out_file = tmp_path / "hostname.out"
     job_id = _sbatch("-J", "lvq-hostname", "-o", str(out_file), "--wrap", "hostname")
     state = _wait_terminal(job_id)
@@ -104,7 +51,7 @@ def test_sbatch_hostname_completes(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_failed_afterok_dependency_cancels_dependant(tmp_path: Path) -> None:
-    _need_cluster()
+    need_slurm()
     failing = _sbatch("-J", "lvq-fails", "-o", str(tmp_path / "fail.out"), "--wrap", "exit 3")
     # No --kill-on-invalid-dep here: the cluster config (kill_invalid_depend) must do it.
     dependant = _sbatch(
@@ -125,7 +72,7 @@ def test_failed_afterok_dependency_cancels_dependant(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_submitit_roundtrip(tmp_path: Path) -> None:
-    _need_cluster()
+    need_slurm()
     submitit = pytest.importorskip("submitit")
 
     # Nested functions are pickled by value, so the job does not need to import this module.
