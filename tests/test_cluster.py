@@ -20,6 +20,7 @@ import pytest
 from helpers import REPO, TERMINAL_STATES, need_slurm, run_quiet, stage_env, tiny_config
 
 from launch.stages import mark_stage_done
+from runtime.checkpoint import list_checkpoints
 from runtime.config import build_config, save_config
 
 pytestmark = pytest.mark.slurm
@@ -86,7 +87,7 @@ def _data_done(cfg) -> None:
 
 
 def _checkpoints(run_dir: Path, stage: str = "vqvae") -> list[Path]:
-    return sorted((run_dir / stage / "checkpoints").glob("step-*"))
+    return list_checkpoints(run_dir / stage / "checkpoints")  # complete ones only, never a *.tmp-* being written
 
 
 def _output_digests(run: Path) -> dict[str, str]:
