@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -82,13 +83,11 @@ def _plant_payload(ckpt: Path, name: str, marker: Path) -> None:
     (ckpt / "state.json").write_text(json.dumps(meta))
 
 
-def test_the_payload_is_real(tmp_path, finished):
-    """Control: loading the planted file the unsafe way DOES run the payload."""
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(finished / "vqvae" / "checkpoints" / "step-00000015", ckpt)
+def test_the_payload_is_real(tmp_path):
+    """Control: plain unpickling (what an unsafe load does) DOES run the payload, so the refusals below
+    are what keep it from running."""
     marker = tmp_path / "RAN"
-    _plant_payload(ckpt, "optimizer.pt", marker)
-    torch.load(ckpt / "optimizer.pt", weights_only=False)
+    pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
 
 
