@@ -188,14 +188,20 @@ def _gone(procs: list[psutil.Process]) -> bool:
     return not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_ddp_usr2_to_every_process_checkpoints_exits_75_and_resumes(tmp_path, tiny_data):
-    """What ``scancel --signal=USR2`` / ``sbatch --signal=USR2@120`` do: every process of the step gets it."""
-    run_dir = _make_run(tmp_path, tiny_data, "ddp-usr2", "vqvae_train.checkpoint_every=5")
+def _ddp_after_first_checkpoint(tmp_path, tiny_data, name: str) -> tuple[Path, subprocess.Popen, list[psutil.Process]]:
+    """A 2-process DDP training run, returned once its first checkpoint (step 5) exists."""
+    run_dir = _make_run(tmp_path, tiny_data, name, "vqvae_train.checkpoint_every=5")
     argv, env = _ddp(run_dir)
     proc = _start(argv, env)
     _wait_for(proc, run_dir, lambda names: _newest_step(names) >= 5)
     workers = _workers(proc)
     assert len(workers) == 2
+    return run_dir, proc, workers
+
+
+def test_ddp_usr2_to_every_process_checkpoints_exits_75_and_resumes(tmp_path, tiny_data):
+    """What ``scancel --signal=USR2`` / ``sbatch --signal=USR2@120`` do: every process of the step gets it."""
+    run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-usr2")
     for p in [psutil.Process(proc.pid), *workers]:
         p.send_signal(signal.SIGUSR2)
     code, err = _finish(proc, timeout=DDP_END_LIMIT_S)
@@ -212,12 +218,7 @@ def test_ddp_usr2_to_every_process_checkpoints_exits_75_and_resumes(tmp_path, ti
 
 
 def test_ddp_one_rank_killed_the_others_exit_with_an_error_in_bounded_time(tmp_path, tiny_data):
-    run_dir = _make_run(tmp_path, tiny_data, "ddp-kill", "vqvae_train.checkpoint_every=5")
-    argv, env = _ddp(run_dir)
-    proc = _start(argv, env)
-    _wait_for(proc, run_dir, lambda names: _newest_step(names) >= 5)
-    workers = _workers(proc)
-    assert len(workers) == 2
+    run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-kill")
     started = time.monotonic()
     workers[1].send_signal(signal.SIGKILL)
     code, err = _finish(proc, timeout=DDP_END_LIMIT_S)
@@ -233,11 +234,8 @@ def test_ddp_one_rank_killed_the_others_exit_with_an_error_in_bounded_time(tmp_p
 
 def test_ddp_sigterm_to_every_process_exits_75(tmp_path, tiny_data):
     """What ``scancel`` / pre-emption does: SIGTERM to every process, launcher included."""
-    run_dir = _make_run(tmp_path, tiny_data, "ddp-term", "vqvae_train.checkpoint_every=5")
-    argv, env = _ddp(run_dir)
-    proc = _start(argv, env)
-    _wait_for(proc, run_dir, lambda names: _newest_step(names) >= 5)
-    for p in [psutil.Process(proc.pid), *_workers(proc)]:
+    run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-term")
+    for p in [psutil.Process(proc.pid), *workers]:
         p.send_signal(signal.SIGTERM)
     code, err = _finish(proc, timeout=DDP_END_LIMIT_S)
     _assert_consistent_after_kill(run_dir)  # holds either way: the workers checkpointed
