@@ -12,6 +12,9 @@ Where things land: submitit's files and each job's log under ``RUN_DIR/slurm/STA
 (``JOBID_0_log.out`` / ``.err``; array tasks ``JOBID_I/JOBID_I_0_log.*``), the job ids of the last
 submission in ``RUN_DIR/.pipeline/jobs.json``.
 
+Both Slurm paths take resources and the warning signal from the config: submitit here, and
+``python launch/pipeline.py --emit-sbatch STAGE`` (:func:`sbatch_script`, used by ``slurm/stage.sh``).
+
 Pre-emption: submitit asks Slurm for ``--signal=USR2@N`` (``cluster.signal`` / ``signal_delay_s``).
 Slurm signals every process of the job step: the training workers save a checkpoint at the next
 step boundary and exit 75, while submitit's handler calls :meth:`StageJob.checkpoint`, which waits
@@ -22,6 +25,7 @@ id, ``SLURM_RESTART_COUNT`` + 1) resumes from the checkpoint (``--resume auto``)
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -31,22 +35,15 @@ from typing import Any
 import submitit
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from launch.stages import (
-    TRAINING,
-    _record_path,
-    is_up_to_date,
-    mark_stage_done,
-    prepare_stage,
-    stage_command,
-    stage_specs,
-)
+from launch.plan import Step, prepare, record_done, record_start
 from runtime.config import RunConfig, SlurmResources, load_config
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
-from runtime.launcher import REPO_ROOT
+from runtime.launcher import REPO_ROOT, accelerate_command
 from runtime.log import get_logger
-from runtime.signals import EXIT_REQUEUE
-from runtime.stages import stage_dir
+from runtime.signals import STOP_STATUSES
+from runtime.stages import RunLayout, Stage
+from runtime.stages import stage as stage_spec
 
 log = get_logger("cluster")
 
@@ -70,7 +67,8 @@ def _exited(proc: subprocess.Popen[bytes]) -> bool:
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """What runs inside one Slurm job (or one array task) of a stage."""
+    """What runs inside one Slurm job (or one array task) of a stage. Preparing the stage folder (keeping
+    old outputs aside) happened at submission; the stage process itself checks lineage and ownership."""
 
     def __init__(self, config_path: str, stage: str, tasks: int) -> None:
         self.config_path = config_path
@@ -80,22 +78,19 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self, index: int = 0) -> str:
         cfg = load_config(Path(self.config_path))
+        spec = stage_spec(self.stage)
         env_info = submitit.JobEnvironment()
-        status = "array task" if self.tasks > 1 else "-"
-        if self.tasks == 1 and env_info.global_rank == 0:
-            status = prepare_stage(cfg, self.stage, force=False)  # resumes if the same inputs started before
         print(f"[lesion-vq] stage {self.stage} job {env_info.job_id} SLURM_RESTART_COUNT="
-              f"{os.environ.get('SLURM_RESTART_COUNT', '0')} node {env_info.node}/{env_info.num_nodes}: "
-              f"{status}", flush=True)
-        argv, env = self._command(cfg, env_info)
-        if self.tasks > 1:
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')} node {env_info.node}/{env_info.num_nodes}", flush=True)
+        argv, env = self._command(cfg, spec, env_info)
+        if spec.kind == "array":
             argv += ["--shard-index", str(index), "--num-shards", str(self.tasks)]
         self._proc = subprocess.Popen(argv, env=os.environ | env, cwd=REPO_ROOT)
         # Poll rather than Popen.wait(): wait() holds Popen's lock while blocked, and the checkpoint()
         # that submitit's signal handler runs on this same thread could then never see the exit.
         while (code := self._proc.poll()) is None:
             time.sleep(0.5)
-        if code == EXIT_REQUEUE:
+        if code in STOP_STATUSES:
             # The workers checkpointed on a signal submitit did not see (e.g. SIGTERM on pre-emption):
             # hand over to submitit's own handler, which checkpoints (returns at once) and requeues.
             print(f"[lesion-vq] stage {self.stage}: workers checkpointed and exited {code}; requeueing",
@@ -106,23 +101,25 @@ class StageJob(submitit.helpers.Checkpointable):
                                "rerun the pipeline to resume")
         if code != 0:
             raise RuntimeError(f"{self.stage} failed with exit status {code}")
-        if env_info.global_rank == 0 and (stage_dir(cfg, self.stage) / "manifest.json").is_file():
-            mark_stage_done(cfg, self.stage)
+        layout = RunLayout.of(cfg)
+        if env_info.global_rank == 0 and layout.manifest(self.stage).is_file():
+            record_done(layout, self.stage)
         return f"{self.stage} ok"
 
-    def _command(self, cfg: RunConfig, env_info: submitit.JobEnvironment) -> tuple[list[str], dict[str, str]]:
-        config_path = Path(self.config_path)
-        if self.stage not in TRAINING:
-            return stage_command(cfg, self.stage, config_path)
-        res = getattr(cfg.cluster, "train_vqvae" if self.stage == "vqvae" else "train_prior")
+    def _command(self, cfg: RunConfig, spec: Stage, env_info: submitit.JobEnvironment
+                 ) -> tuple[list[str], dict[str, str]]:
+        args = ["--config", self.config_path]
+        if spec.kind != "training":
+            return [sys.executable, "-m", spec.module, *args], {}
+        res = getattr(cfg.cluster, spec.resources)
         # One submitit task per node; every node runs `accelerate launch` with its own machine rank,
         # taken from the job environment at run time (not a $SLURM_NODEID expanded too early).
         port = 20000 + int(str(env_info.job_id).split("_")[0]) % 20000
         processes = int(os.environ.get("LESION_VQ_PROCS_PER_NODE", "0") or 0) or res.processes_per_node
-        return stage_command(cfg, self.stage, config_path, processes=processes,
-                             num_machines=env_info.num_nodes, machine_rank=env_info.node,
-                             main_address=env_info.hostnames[0], main_port=port,
-                             use_gpu=res.gpus_per_node > 0)
+        return accelerate_command(spec.script, args, processes=processes, num_machines=env_info.num_nodes,
+                                  machine_rank=env_info.node, main_address=env_info.hostnames[0], main_port=port,
+                                  use_gpu=res.gpus_per_node > 0, mixed_precision=spec.optim(cfg).mixed_precision,
+                                  stop_signal=cfg.cluster.signal)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the warning signal: let the workers finish their checkpoint, then requeue."""
@@ -142,14 +139,21 @@ class StageJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 
 
-def submit_folder(cfg: RunConfig, stage: str) -> Path:
-    """submitit's folder for a stage's jobs: RUN_DIR/slurm/STAGE/%j (its own per run directory)."""
-    return Path(cfg.run_dir).resolve() / "slurm" / stage / "%j"
+def job_name(spec: Stage) -> str:
+    return "lvq-" + spec.resources.replace("_", "-")
 
 
-def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[str]) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=submit_folder(cfg, stage), cluster="slurm",
-                                     slurm_max_num_timeout=cfg.cluster.max_requeues)
+def _setup_lines(cfg: RunConfig) -> list[str]:
+    setup = list(cfg.cluster.setup)
+    if os.environ.get("LESION_VQ_SETUP"):
+        setup.append(os.environ["LESION_VQ_SETUP"])
+    return setup
+
+
+def _executor(cfg: RunConfig, spec: Stage, depends_on: list[str]) -> submitit.AutoExecutor:
+    res: SlurmResources = getattr(cfg.cluster, spec.resources)
+    executor = submitit.AutoExecutor(folder=RunLayout.of(cfg).slurm_dir(spec.name).resolve() / "%j",
+                                     cluster="slurm", slurm_max_num_timeout=cfg.cluster.max_requeues)
     extra: dict[str, Any] = {"requeue": True, "open-mode": "append"}
     if depends_on:
         extra["dependency"] = "afterok:" + ":".join(depends_on)
@@ -157,12 +161,9 @@ def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[
     for key in ("qos", "constraint"):
         if getattr(res, key):
             extra[key] = getattr(res, key)
-    training = stage in TRAINING
-    setup = list(cfg.cluster.setup)
-    if os.environ.get("LESION_VQ_SETUP"):
-        setup.append(os.environ["LESION_VQ_SETUP"])
     params: dict[str, Any] = {
-        "name": f"lvq-{stage}", "timeout_min": res.time_min, "nodes": res.nodes if training else 1,
+        "name": job_name(spec), "timeout_min": res.time_min,
+        "nodes": res.nodes if spec.kind == "training" else 1,
         "tasks_per_node": 1, "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_gb,
         "slurm_signal_delay_s": cfg.cluster.signal_delay_s,
         "slurm_array_parallelism": res.array_parallelism, "slurm_additional_parameters": extra,
@@ -173,10 +174,38 @@ def _executor(cfg: RunConfig, stage: str, res: SlurmResources, depends_on: list[
         params["slurm_partition"] = res.partition
     if res.account:
         params["slurm_account"] = res.account
-    if setup:
-        params["slurm_setup"] = setup
+    if _setup_lines(cfg):
+        params["slurm_setup"] = _setup_lines(cfg)
     executor.update_parameters(**params)
     return executor
+
+
+def sbatch_script(cfg: RunConfig, name: str, *, config_path: Path | None = None,
+                  overrides: list[str] | None = None) -> str:
+    """The batch script of one stage, every resource and the warning signal taken from the config (the
+    same values submitit is given). ``slurm/stage.sh STAGE --config C`` pipes it to sbatch."""
+    spec = stage_spec(name)
+    res: SlurmResources = getattr(cfg.cluster, spec.resources)
+    config = Path(config_path or RunLayout.of(cfg).config).resolve()
+    lines = ["#!/usr/bin/env bash", f"# lesion-vq stage {name}: python launch/pipeline.py --emit-sbatch {name}",
+             f"#SBATCH --job-name={job_name(spec)}",
+             f"#SBATCH --nodes={res.nodes if spec.kind == 'training' else 1}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={res.cpus_per_task}",
+             f"#SBATCH --mem={res.mem_gb}G", f"#SBATCH --time={res.time_min}",
+             f"#SBATCH --signal={cfg.cluster.signal}@{cfg.cluster.signal_delay_s}",
+             "#SBATCH --requeue", "#SBATCH --open-mode=append"]
+    if spec.kind == "array":
+        lines += [f"#SBATCH --array=0-{spec.tasks(cfg) - 1}%{res.array_parallelism}",
+                  f"#SBATCH --output={REPO_ROOT}/logs/%x-%A_%a.out"]
+    else:
+        lines.append(f"#SBATCH --output={REPO_ROOT}/logs/%x-%j.out")
+    optional = {"gpus-per-node": res.gpus_per_node or None, "partition": res.partition, "account": res.account,
+                "qos": res.qos, "constraint": res.constraint}
+    lines += [f"#SBATCH --{key}={value}" for key, value in optional.items() if value]
+    lines += [f"export LESION_VQ_ROOT={shlex.quote(REPO_ROOT)}", *_setup_lines(cfg)]
+    args = " ".join(shlex.quote(a) for a in ["--config", str(config), *(overrides or [])])
+    lines.append(f'exec "$LESION_VQ_ROOT/slurm/stage.sh" {name} {args}')
+    return "\n".join(lines) + "\n"
 
 
 def _use_signal(name: str) -> None:
@@ -185,52 +214,36 @@ def _use_signal(name: str) -> None:
     SlurmJobEnvironment.USR_SIG = name  # read here, when the sbatch file is written
 
 
-def plan_submission(cfg: RunConfig, stages: list[str], forced: set[str]) -> list[str]:
-    """Stages to submit, in order: forced, not up to date, or downstream of a stage being submitted."""
-    chosen: list[str] = []
-    for spec in stage_specs(cfg):
-        if spec.name not in stages:
-            continue
-        if spec.name in forced or any(d in chosen for d in spec.depends) or not is_up_to_date(cfg, spec.name):
-            chosen.append(spec.name)
-    return chosen
-
-
-def submit_pipeline(cfg: RunConfig, stages: list[str], forced: set[str], *, wait: bool) -> int:
-    """Queue every stage that needs running; returns at once with the job ids (or follows them)."""
-    config_path = str((Path(cfg.run_dir) / "config.json").resolve())
+def submit_pipeline(cfg: RunConfig, steps: list[Step], *, wait: bool) -> int:
+    """Queue every stage the plan runs, chained afterok; returns at once with the job ids (or follows them)."""
+    layout = RunLayout.of(cfg)
+    config_path = str(layout.config.resolve())
     _use_signal(cfg.cluster.signal)
-    to_submit = plan_submission(cfg, stages, forced)
     job_ids: dict[str, str] = {}
-    for spec in stage_specs(cfg):
-        if spec.name not in to_submit:
-            if spec.name in stages:
-                print(f"stage {spec.name:7s} up to date, not submitted", flush=True)
+    for step in steps:
+        spec = step.stage
+        prepare(layout, step)  # outputs of other settings are kept aside now, before any job runs
+        if step.action in ("skip", "restore"):
+            print(f"stage {spec.name:7s} {step.describe(layout)}, not submitted", flush=True)
             continue
-        if spec.name in forced:
-            prepare_stage(cfg, spec.name, force=True)  # wipe now: a forced stage starts clean
-        if spec.tasks > 1:
-            # Array stages keep finished per-task outputs (skipped by their done-markers) but never a
-            # manifest from an earlier run: the task that completes the set writes a new one.
-            (stage_dir(cfg, spec.name) / "manifest.json").unlink(missing_ok=True)
-            _record_path(cfg, spec.name, "done").unlink(missing_ok=True)
-        depends = [job_ids[d] for d in spec.depends if d in job_ids]
-        executor = _executor(cfg, spec.name, spec.resources, depends)
-        job = StageJob(config_path, spec.name, spec.tasks)
-        if spec.tasks > 1:
-            submitted = executor.map_array(job, list(range(spec.tasks)))
+        record_start(layout, spec.name)
+        depends = [job_ids[d] for d in spec.upstream if d in job_ids]
+        executor = _executor(cfg, spec, depends)
+        job = StageJob(config_path, spec.name, spec.tasks(cfg))
+        if spec.kind == "array":
+            submitted = executor.map_array(job, list(range(spec.tasks(cfg))))
             job_ids[spec.name] = submitted[0].job_id.split("_")[0]
         else:
             job_ids[spec.name] = executor.submit(job).job_id
-        array = f" (array of {spec.tasks})" if spec.tasks > 1 else ""
+        array = f" (array of {spec.tasks(cfg)})" if spec.kind == "array" else ""
         after = " afterok:" + ":".join(depends) if depends else ""
-        print(f"submitted {spec.name:7s} job {job_ids[spec.name]}{array}{after}", flush=True)
+        print(f"submitted {spec.name:7s} job {job_ids[spec.name]}{array}{after}: {step.reason}", flush=True)
     if not job_ids:
         print("everything is up to date; nothing submitted")
         return 0
-    atomic_write_json(Path(cfg.run_dir) / ".pipeline" / "jobs.json",
-                      {"time": time.time(), "jobs": job_ids, "logs": str(Path(cfg.run_dir).resolve() / "slurm")})
-    print(f"logs: {Path(cfg.run_dir).resolve() / 'slurm'}/STAGE/JOBID/\n"
+    logs = layout.root.resolve() / "slurm"
+    atomic_write_json(layout.jobs, {"time": time.time(), "jobs": job_ids, "logs": str(logs)})
+    print(f"logs: {logs}/STAGE/JOBID/\n"
           f"follow with: squeue -u $USER; sacct -X -j {','.join(job_ids.values())} -o JobID,JobName,State,Reason")
     if not wait:
         return 0
@@ -285,11 +298,11 @@ def follow(cfg: RunConfig, job_ids: dict[str, str], poll_s: float = 2.0) -> int:
     bad = {s: st for s, st in states.items() if st != "COMPLETED"}
     if not bad:
         print(f"all stages completed in {time.monotonic() - started:.0f} s\n"
-              f"report: {stage_dir(cfg, 'report') / 'report.html'}")
+              f"report: {RunLayout.of(cfg).stage_dir('report') / 'report.html'}")
         return 0
     for stage, state in bad.items():
         reasons = "; ".join(f"{jid} {st} ({why})" for jid, st, why in rows[job_ids[stage]])
-        where = Path(cfg.run_dir).resolve() / "slurm" / stage / f"{job_ids[stage]}*"
+        where = RunLayout.of(cfg).slurm_dir(stage).resolve() / f"{job_ids[stage]}*"
         print(f"stage {stage}: {state}: {reasons}\n    log: {where}/*_log.err", file=sys.stderr)
     print("fix the cause and rerun the same command: completed stages are kept and not resubmitted",
           file=sys.stderr)

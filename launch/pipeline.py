@@ -3,36 +3,39 @@
     python launch/pipeline.py                      # smoke preset, synthetic data, this machine
     python launch/pipeline.py --processes 2        # training stages under accelerate, 2 processes
     python launch/pipeline.py --cluster [--wait]   # every stage a Slurm job (submitit), chained afterok
-    python launch/pipeline.py --dry-run            # print the plan only
+    python launch/pipeline.py --dry-run            # print exactly what a run would do
+    python launch/pipeline.py --emit-sbatch vqvae  # the Slurm job script of one stage (pipe it to sbatch)
     python launch/pipeline.py --preset seed data.source=isic data.isic_images=... data.isic_csv=...
 
-A rerun skips stages whose outputs are complete and were made from the same config and upstream
-outputs, resumes a half-finished training from its checkpoint, and redoes only what changed.
+A rerun skips stages whose outputs are complete and of the same identity (runtime/lineage.py), resumes
+a half-finished training from its checkpoint, and re-makes only what changed; replaced outputs are kept
+under RUN_DIR/.history/ (launch/plan.py), never deleted.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 if __package__ in (None, ""):  # `python launch/pipeline.py`: make the repo root importable first
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.stages import TRAINING, is_up_to_date, mark_stage_done, prepare_stage, stage_command, stage_specs
+from launch.plan import Step, make_plan, prepare, record_done, record_start
 from runtime.cli import run_cli
 from runtime.config import RunConfig, add_config_args, config_from_args, save_config
 from runtime.errors import UserError
-from runtime.launcher import REPO_ROOT
+from runtime.launcher import REPO_ROOT, accelerate_command
+from runtime.lineage import claim_run_dir
 from runtime.log import get_logger
-from runtime.signals import EXIT_REQUEUE
-from runtime.stages import STAGES, stage_dir
+from runtime.process import exclusive_lock, preexec_die_with_parent
+from runtime.signals import EXIT_INTERRUPTED, EXIT_REQUEUE
+from runtime.stages import STAGE_NAMES, RunLayout, Stage, downstream
 
 log = get_logger("pipeline")
 
@@ -41,104 +44,143 @@ class PipelineError(UserError):
     pass
 
 
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One pipeline per run directory: a second invocation fails at once with a clear message."""
-    lock_path = run_dir / ".pipeline" / "lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise PipelineError(f"another pipeline is already running on {run_dir} ({holder}); "
-                                "wait for it or use another run_dir") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+class StageStopped(Exception):
+    """A stage stopped on a signal after checkpointing: the pipeline exits with ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def selected_stages(args: argparse.Namespace) -> tuple[list[str], set[str]]:
-    """(stages to consider, stages forced to rerun)."""
+    """(stages to consider, stages forced to be re-made)."""
     if args.only:
         return [args.only], {args.only}
     if args.from_stage:
-        chosen = list(STAGES[STAGES.index(args.from_stage):])
+        chosen = downstream({args.from_stage})
         return chosen, set(chosen)
-    return list(STAGES), set()
+    return list(STAGE_NAMES), set()
 
 
-def plan_table(cfg: RunConfig, stages: list[str], forced: set[str], processes: int) -> str:
-    rows = []
-    config_path = Path(cfg.run_dir) / "config.json"
-    for spec in stage_specs(cfg):
-        if spec.name not in stages:
-            continue
-        state = "forced" if spec.name in forced else ("up to date" if is_up_to_date(cfg, spec.name) else "run")
-        argv, env = stage_command(cfg, spec.name, config_path, processes=processes)
-        res = spec.resources
+def stage_command(cfg: RunConfig, spec: Stage, config_path: Path, *, processes: int = 1,
+                  use_gpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv + extra env for one task of a stage run on this machine (array tasks add their slot)."""
+    args = ["--config", str(config_path)]
+    if spec.kind != "training":
+        return [sys.executable, "-m", spec.module, *args], {}
+    if use_gpu is None:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    return accelerate_command(spec.script, args, processes=processes, use_gpu=use_gpu,
+                              mixed_precision=spec.optim(cfg).mixed_precision, stop_signal=cfg.cluster.signal)
+
+
+def plan_table(cfg: RunConfig, steps: list[Step], processes: int) -> str:
+    layout = RunLayout.of(cfg)
+    rows = [f"run_dir {layout.root}"]
+    for step in steps:
+        spec = step.stage
+        res = getattr(cfg.cluster, spec.resources)
+        argv, env = stage_command(cfg, spec, layout.config, processes=processes, use_gpu=False)
         rows.append(
-            f"[{spec.name}] {state}; depends on: {', '.join(spec.depends) or '-'}; tasks: {spec.tasks}\n"
+            f"[{spec.name}] {step.describe(layout)}\n"
+            f"    depends on: {', '.join(spec.upstream) or '-'}; tasks: {spec.tasks(cfg)}; "
+            f"identity: {step.identity or 'known once its inputs are made'}\n"
             f"    resources: nodes={res.nodes} gpus/node={res.gpus_per_node} cpus={res.cpus_per_task} "
-            f"mem={res.mem_gb}G time={res.time_min}min partition={res.partition or 'default'}\n"
+            f"mem={res.mem_gb}G time={res.time_min}min partition={res.partition or 'default'} "
+            f"signal={cfg.cluster.signal}@{cfg.cluster.signal_delay_s}s\n"
             f"    command: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}")
     return "\n".join(rows)
 
 
-def run_local(cfg: RunConfig, stages: list[str], forced: set[str], processes: int) -> dict[str, float]:
-    config_path = Path(cfg.run_dir) / "config.json"
-    timings: dict[str, float] = {}
-    specs = {s.name: s for s in stage_specs(cfg)}
-    for name in stages:
-        if name not in forced and is_up_to_date(cfg, name):
-            log.info("stage %s: up to date, skipped", name)
+class _Supervisor:
+    """Runs one stage process at a time; SIGINT/SIGTERM to the pipeline are passed on to it (it checkpoints)
+    and the pipeline then exits 130/75 with one line. The children die with the pipeline even on SIGKILL."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.received: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        if self.received is not None:
+            raise StageStopped(f"stopped by {signal.Signals(self.received).name} before stage {name}",
+                               EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_REQUEUE)
+        # A process group of its own: Ctrl-C reaches the stage once, through _handle, not also from the
+        # terminal; and it still dies with the pipeline (parent-death signal), even on SIGKILL.
+        self.child = subprocess.Popen(argv, env=os.environ | env, cwd=REPO_ROOT, process_group=0,
+                                      preexec_fn=preexec_die_with_parent)
+        code = self.child.wait()
+        self.child = None
+        if code in (EXIT_REQUEUE, EXIT_INTERRUPTED) or (self.received is not None and code != 0):
+            status = EXIT_INTERRUPTED if self.received == signal.SIGINT or code == EXIT_INTERRUPTED else EXIT_REQUEUE
+            raise StageStopped(f"stage {name} stopped on a signal (its checkpoint, if any, is saved); rerun the "
+                               "same command to resume", status)
+        if code != 0:
+            raise PipelineError(f"stage {name} failed (exit {code}); later stages not run. Fix the cause and "
+                                "rerun: completed stages are kept")
+
+
+def run_local(cfg: RunConfig, steps: list[Step], processes: int) -> None:
+    layout = RunLayout.of(cfg)
+    supervisor = _Supervisor()
+    for step in steps:
+        name = step.stage.name
+        log.info("stage %s: %s", name, step.describe(layout))
+        if step.action in ("skip", "restore"):
+            prepare(layout, step)
             continue
-        status = prepare_stage(cfg, name, force=name in forced)
-        log.info("stage %s: %s", name, status)
+        prepare(layout, step)
+        record_start(layout, name)
         started = time.perf_counter()
-        tasks = specs[name].tasks if name not in TRAINING else 1
+        training = step.stage.kind == "training"
+        tasks = 1 if training else step.stage.tasks(cfg)
         for index in range(tasks):
-            argv, env = stage_command(cfg, name, config_path, processes=processes if name in TRAINING else 1)
-            if tasks > 1:
+            argv, env = stage_command(cfg, step.stage, layout.config, processes=processes if training else 1)
+            if step.stage.kind == "array":
                 argv += ["--shard-index", str(index), "--num-shards", str(tasks)]
-            result = subprocess.run(argv, env=os.environ | env, cwd=REPO_ROOT, check=False)
-            if result.returncode == EXIT_REQUEUE:
-                raise PipelineError(f"stage {name} stopped on a signal after checkpointing; rerun to resume")
-            if result.returncode != 0:
-                raise PipelineError(f"stage {name} failed (exit {result.returncode}); later stages not run. "
-                                    f"Fix the cause and rerun: completed stages are kept")
-        timings[name] = time.perf_counter() - started
-        mark_stage_done(cfg, name)
-        log.info("stage %s: done in %.1f s", name, timings[name])
-    return timings
+            supervisor.run(name, argv, env)
+        record_done(layout, name)
+        log.info("stage %s: done in %.1f s", name, time.perf_counter() - started)
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.processes < 1:
         raise PipelineError("--processes must be >= 1")
-    stages, forced = selected_stages(args)
-    cfg.run_dir = run_dir = Path(cfg.run_dir).resolve()  # stages run from the repo root
-    if args.dry_run:
-        print(plan_table(cfg, stages, forced, args.processes))
+    layout = RunLayout.of(cfg)
+    if args.emit_sbatch:
+        from launch.cluster import sbatch_script
+
+        print(sbatch_script(cfg, args.emit_sbatch, config_path=args.config), end="")
         return 0
-    with run_lock(run_dir):
-        save_config(cfg, run_dir / "config.json")
+    stages, forced = selected_stages(args)
+    if args.dry_run:
+        print(plan_table(cfg, make_plan(cfg, stages, forced), args.processes))
+        return 0
+    claim_run_dir(cfg)
+    with exclusive_lock(layout.lock, f"another pipeline is already running on {layout.root}"):
+        save_config(cfg, layout.config)
+        steps = make_plan(cfg, stages, forced)
         if args.cluster:
             from launch.cluster import submit_pipeline
 
-            return submit_pipeline(cfg, stages, forced, wait=args.wait)
-        run_local(cfg, stages, forced, args.processes)
-    report = stage_dir(cfg, "report")
-    print(f"\nreport:          {report / 'report.html'}\n"
-          f"reconstructions: {stage_dir(cfg, 'vqvae')}/recon-step-*.png\n"
-          f"samples:         {stage_dir(cfg, 'sample') / 'samples.png'}")
+            return submit_pipeline(cfg, steps, wait=args.wait)
+        try:
+            run_local(cfg, steps, args.processes)
+        except StageStopped as stop:
+            print(f"pipeline: {stop}", file=sys.stderr)
+            return stop.status
+    print(f"\nreport:          {layout.stage_dir('report') / 'report.html'}\n"
+          f"reconstructions: {layout.stage_dir('vqvae')}/recon-step-*.png\n"
+          f"samples:         {layout.stage_dir('sample') / 'samples.png'}")
     return 0
 
 
@@ -148,10 +190,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="accelerate processes for the training stages")
     p.add_argument("--cluster", action="store_true", help="submit every stage to Slurm through submitit")
     p.add_argument("--wait", action="store_true", help="with --cluster: follow the jobs until they finish")
-    p.add_argument("--dry-run", action="store_true", help="print stages, commands, resources and exit")
+    p.add_argument("--dry-run", action="store_true", help="print what a run would do, stage by stage, and exit")
+    p.add_argument("--emit-sbatch", choices=STAGE_NAMES, metavar="STAGE",
+                   help="print the Slurm job script of one stage (resources and signal from the config)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--from", dest="from_stage", choices=STAGES, help="force this stage and all after it")
-    group.add_argument("--only", choices=STAGES, help="force just this stage (its inputs must exist)")
+    group.add_argument("--from", dest="from_stage", choices=STAGE_NAMES,
+                       help="re-make this stage and all after it (current outputs kept in RUN_DIR/.history)")
+    group.add_argument("--only", choices=STAGE_NAMES, help="re-make just this stage (its inputs must exist)")
     return p
 
 

@@ -1,6 +1,6 @@
 """Self-contained HTML report of a run (finished or not), plus ``metrics.json``.
 
-    python -m launch.report RUN_DIR
+    python -m launch.report RUN_DIR          (or --config RUN_DIR/config.json, as the pipeline runs it)
 
 Reads only what the stages wrote (manifests, metrics.jsonl, PNGs) and writes
 ``RUN_DIR/report/{report.html,metrics.json,*.png}``; images are embedded, so the HTML opens
@@ -25,9 +25,12 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.config import CLASSES, RunConfig, load_config
+from launch.plan import stage_timings
+from runtime.cli import run_cli
+from runtime.config import CLASSES, ConfigError, RunConfig, add_config_args, config_from_args
 from runtime.files import atomic_write_json, atomic_write_text, read_json
-from runtime.stages import STAGES, stage_dir
+from runtime.lineage import claim_run_dir, claim_stage_dir
+from runtime.stages import STAGES, RunLayout
 from runtime.tracking import read_metrics
 
 _CURVES = {
@@ -40,8 +43,12 @@ _CURVES = {
 _VERSIONED = ("lesion-vq", "torch", "torchvision", "accelerate", "webdataset", "submitit", "wandb", "numpy")
 
 
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    return RunLayout.of(cfg).stage_dir(stage)
+
+
 def _manifest(cfg: RunConfig, stage: str) -> dict[str, Any] | None:
-    path = stage_dir(cfg, stage) / "manifest.json"
+    path = RunLayout.of(cfg).manifest(stage)
     return read_json(path) if path.is_file() else None
 
 
@@ -114,9 +121,8 @@ def _codebook_histogram(cfg: RunConfig, out: Path) -> tuple[Path | None, dict[st
 
 def collect_metrics(cfg: RunConfig) -> dict[str, Any]:
     """Final metrics of every stage, from the same JSONL files wandb was fed."""
-    from launch.stages import stage_timings
-
-    metrics: dict[str, Any] = {"run_dir": str(cfg.run_dir), "preset": cfg.preset, "timings_s": stage_timings(cfg)}
+    metrics: dict[str, Any] = {"run_dir": str(cfg.run_dir), "preset": cfg.preset,
+                               "timings_s": stage_timings(RunLayout.of(cfg))}
     for stage in ("vqvae", "prior"):
         rows = read_metrics(stage_dir(cfg, stage) / "metrics.jsonl")
         last: dict[str, Any] = {}
@@ -174,8 +180,9 @@ def _img(path: Path | None, alt: str, width: int | None = None) -> str:
 
 
 def write_report(cfg: RunConfig) -> Path:
+    claim_run_dir(cfg)
     out = stage_dir(cfg, "report")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_stage_dir(out, "report", "latest")  # always re-made: one identity
     metrics = collect_metrics(cfg)
     hist_png, code_stats = _codebook_histogram(cfg, out)
     metrics["codebook_train"] = code_stats
@@ -190,7 +197,7 @@ def write_report(cfg: RunConfig) -> Path:
         except importlib.metadata.PackageNotFoundError:
             versions.append([name, "not installed"])
     versions.append(["python", platform.python_version()])
-    done = [s for s in STAGES if (stage_dir(cfg, s) / "manifest.json").is_file()]
+    done = [s.name for s in STAGES if RunLayout.of(cfg).manifest(s.name).is_file()]
     final_rows = [[stage, key, f"{value:.4g}" if isinstance(value, float) else value]
                   for stage in ("vqvae", "prior") for key, value in sorted(metrics[stage].items())
                   if key.startswith("val/")]
@@ -221,15 +228,21 @@ pre{{background:#f6f6f6;padding:1em;font-size:80%;overflow:auto}}</style></head>
     return path
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    args = parser.parse_args()
-    cfg = load_config(args.run_dir / "config.json", [f"run_dir={args.run_dir.resolve()}"])
-    path = write_report(cfg)
-    print(f"report: {path}")
+def main(args: argparse.Namespace) -> int:
+    if args.overrides and "=" not in args.overrides[0]:  # python -m launch.report RUN_DIR [KEY=VALUE ...]
+        if args.config is not None:
+            raise ConfigError("give a run directory or --config, not both")
+        args.config = Path(args.overrides.pop(0)) / "config.json"
+    cfg = config_from_args(args)
+    print(f"report: {write_report(cfg)}")
     return 0
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s RUN_DIR | --config C")
+    add_config_args(p)
+    return p
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, parser())

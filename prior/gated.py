@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prior.models import AutoregressivePrior
+from prior.base import AutoregressivePrior
 
 
 def _gate(x: Tensor) -> Tensor:

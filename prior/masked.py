@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prior.models import AutoregressivePrior
+from prior.base import AutoregressivePrior
 
 
 class MaskedConv2d(nn.Conv2d):

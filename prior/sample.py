@@ -21,28 +21,29 @@ import webdataset as wds
 from PIL import Image
 
 from prior.models import build_prior
-from runtime.array_task import is_done, mark_done, read_marker, task_slot
+from runtime.array_task import completed_set, is_done, mark_done, task_slot
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
-from runtime.config import CLASSES, RunConfig, config_from_args
-from runtime.files import atomic_path, atomic_write_json
+from runtime.config import CLASSES, ConfigError, RunConfig, config_from_args
+from runtime.files import atomic_path
 from runtime.images import save_grid
+from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.seeding import torch_generator
-from runtime.stages import manifest_hash, require_manifest, stage_dir
+from runtime.stages import MANIFEST, RunLayout, shard_name
 from vqvae.models import build_vqvae
 
 log = get_logger("sample")
 
 
-def load_models(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    vq_manifest = require_manifest(cfg, "vqvae")
-    prior_manifest = require_manifest(cfg, "prior")
+def load_models(cfg: RunConfig, run: StageRun, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The VQ-VAE decoder and the prior this stage's lineage checks approved (runtime/lineage.py)."""
+    layout = RunLayout.of(cfg)
     vqvae = build_vqvae(cfg.vqvae)
-    load_weights(vqvae, stage_dir(cfg, "vqvae") / vq_manifest["weights"])
-    prior = build_prior(cfg.prior, int(prior_manifest["inputs"]["codebook_size"]), len(CLASSES))
-    load_weights(prior, stage_dir(cfg, "prior") / prior_manifest["weights"])
-    return vqvae.to(device).eval(), prior.to(device).eval(), prior_manifest
+    load_weights(vqvae, layout.stage_dir("vqvae") / run.manifests["vqvae"]["weights"])
+    prior = build_prior(cfg.prior, int(run.manifests["prior"]["codebook_size"]), len(CLASSES))
+    load_weights(prior, layout.stage_dir("prior") / run.manifests["prior"]["weights"])
+    return vqvae.to(device).eval(), prior.to(device).eval()
 
 
 def _png(image: torch.Tensor) -> bytes:
@@ -58,15 +59,13 @@ def _npy(codes: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def sample_task(cfg: RunConfig, index: int, count: int, device: torch.device) -> dict:
-    vqvae, prior, prior_manifest = load_models(cfg, device)
-    out_dir = stage_dir(cfg, "sample")
-    output = out_dir / f"shard-{index:06d}.tar"
-    fingerprint = f"{manifest_hash(cfg, 'prior')}:{manifest_hash(cfg, 'vqvae')}:{cfg.digest('sample')}:{count}"
-    if is_done(output, fingerprint):
+def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: torch.device) -> None:
+    output = run.out_dir / shard_name(index)
+    if is_done(output, run.identity):
         log.info("task %d/%d: %s already complete", index, count, output.name)
-        return read_marker(output)
-    grid = tuple(prior_manifest["inputs"]["grid"])
+        return
+    vqvae, prior = load_models(cfg, run, device)
+    grid = tuple(run.manifests["prior"]["grid"])
     wanted = [j for j in range(cfg.sample.per_class * len(CLASSES)) if j % count == index]
     generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
     started, written = time.perf_counter(), 0
@@ -89,42 +88,40 @@ def sample_task(cfg: RunConfig, index: int, count: int, device: torch.device) ->
     seconds = time.perf_counter() - started
     log.info("task %d/%d: %d samples in %.1f s (%.2f samples/s)", index, count, written, seconds,
              written / max(seconds, 1e-9))
-    return mark_done(output, fingerprint, count=written, seconds=seconds, device=str(device))
+    mark_done(output, run.identity, count=written, seconds=seconds, device=str(device))
 
 
-def finalize(cfg: RunConfig, count: int) -> bool:
+def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
     """Once every task is done: the per-class grid and the manifest. Returns whether it was written."""
-    out_dir = stage_dir(cfg, "sample")
-    outputs = [out_dir / f"shard-{i:06d}.tar" for i in range(count)]
-    markers = []
-    for output in outputs:
-        try:
-            markers.append(read_marker(output))
-        except FileNotFoundError:
-            return False
+    outputs = [run.out_dir / shard_name(i) for i in range(count)]
+    markers = completed_set(outputs, run.identity)
+    if markers is None:
+        return False
     by_index: dict[int, torch.Tensor] = {}
     for sample in wds.WebDataset([str(o) for o in outputs], shardshuffle=False, empty_check=False):
         array = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         by_index[int(sample["__key__"].split("_")[1])] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
     images = torch.stack([by_index[j] for j in sorted(by_index)])
-    grid_path = save_grid(images, out_dir / "samples.png", nrow=cfg.sample.per_class)
+    grid_path = save_grid(images, run.out_dir / "samples.png", nrow=cfg.sample.per_class)
     total_seconds = sum(m["seconds"] for m in markers)
-    atomic_write_json(out_dir / "manifest.json", {
-        "format": "lesion-vq/sample-shards/v1", "classes": list(CLASSES), "per_class": cfg.sample.per_class,
-        "num_samples": len(by_index), "temperature": cfg.sample.temperature, "grid_png": grid_path.name,
-        "shards": markers, "samples_per_s": len(by_index) / max(total_seconds, 1e-9),
-        "prior_manifest_hash": manifest_hash(cfg, "prior"), "vqvae_manifest_hash": manifest_hash(cfg, "vqvae"),
-    })
+    run.finish([m["sha256"] for m in markers], {
+        "classes": list(CLASSES), "per_class": cfg.sample.per_class, "num_samples": len(by_index),
+        "temperature": cfg.sample.temperature, "grid_png": grid_path.name, "shards": markers,
+        "samples_per_s": len(by_index) / max(total_seconds, 1e-9)})
     return True
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     index, count = task_slot(args)
+    if count != cfg.sample.num_tasks:
+        raise ConfigError(f"{count} tasks but sample.num_tasks={cfg.sample.num_tasks}: the task count decides "
+                          "which samples each task draws, so it must be the configured one")
+    run = begin_stage(cfg, "sample")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sample_task(cfg, index, count, device)
-    if finalize(cfg, count):
-        log.info("all %d tasks done: %s", count, stage_dir(cfg, "sample") / "samples.png")
+    sample_task(cfg, run, index, count, device)
+    if finalize(cfg, run, count):
+        log.info("all %d tasks done: %s (%s)", count, run.out_dir / "samples.png", run.out_dir / MANIFEST)
     return 0
 
 

@@ -21,9 +21,11 @@ from prior.codes import CodeDecoder, code_histogram_kl, make_code_eval_loader
 from prior.models import build_prior
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
+from runtime.lineage import begin_stage
 from runtime.seeding import torch_generator
-from runtime.stages import manifest_hash, require_manifest, stage_dir
-from runtime.trainer import TrainPlan, train, training_digest
+from runtime.stages import RunLayout
+from runtime.trainer import TrainPlan, train
+from shards.loader import ShardTrainData
 
 LN2 = math.log(2)
 
@@ -36,8 +38,6 @@ class PriorTask:
         self.codes_dir = codes_dir
         self.codebook_size = int(codes_manifest["codebook_size"])
         self.grid = tuple(codes_manifest["grid"])
-
-    decode = CodeDecoder()
 
     def build_model(self) -> torch.nn.Module:
         return build_prior(self.cfg.prior, self.codebook_size, len(CLASSES))
@@ -85,16 +85,12 @@ class PriorTask:
 
 
 def build_plan(cfg: RunConfig, resume: str, codes_dir: Path | None = None) -> tuple[PriorTask, TrainPlan]:
-    codes_dir = codes_dir or stage_dir(cfg, "encode")
-    manifest = require_manifest(cfg, "encode", codes_dir)
-    upstream = manifest_hash(cfg, "encode", codes_dir)
-    plan = TrainPlan(
-        out_dir=stage_dir(cfg, "prior"), train_split=codes_dir / "train", val_split=codes_dir / "val",
-        num_train_samples=int(manifest["splits"]["train"]["num_samples"]), optim=cfg.prior_train, config=cfg,
-        digest=training_digest(cfg, "prior", "prior_train", upstream),
-        inputs={"codes_manifest": str(codes_dir / "manifest.json"), "codes_manifest_hash": upstream,
-                "codebook_size": manifest["codebook_size"], "grid": manifest["grid"]},
-        resume=resume)
+    run = begin_stage(cfg, "prior", folders={"encode": codes_dir} if codes_dir else None)
+    codes_dir = codes_dir or RunLayout.of(cfg).stage_dir("encode")
+    manifest = run.manifests["encode"]
+    data = ShardTrainData(codes_dir / "train", codes_dir / "val", cfg.prior_train, decode=CodeDecoder())
+    plan = TrainPlan(run=run, data=data, optim=cfg.prior_train, config=cfg, resume=resume,
+                     manifest_extras={"codebook_size": manifest["codebook_size"], "grid": manifest["grid"]})
     return PriorTask(cfg, codes_dir, manifest), plan
 
 

@@ -2,8 +2,9 @@
 
 A task is told its slot by ``--shard-index/--num-shards`` (a Slurm array task), or else by the
 ``RANK``/``WORLD_SIZE`` that ``accelerate launch`` sets. Each output file gets a small ``.done.json``
-marker written after it (atomically), recording what it was made from; a rerun skips outputs whose
-marker matches, so a killed array can be resubmitted and only the missing work is redone.
+marker written after it (atomically), recording the stage identity it was made for (runtime/lineage.py);
+a rerun skips outputs whose marker matches, so a killed array can be resubmitted and only the missing
+work is redone. The task that completes the set checks that every output belongs to one identity.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from runtime.config import ConfigError
 from runtime.files import atomic_write_json, read_json, sha256_file
+from runtime.lineage import LineageError
 
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:
@@ -40,21 +42,36 @@ def marker_path(output: Path) -> Path:
     return output.with_name(output.name + ".done.json")
 
 
-def is_done(output: Path, fingerprint: str) -> bool:
-    """True when ``output`` was completed from the same inputs and is still intact."""
+def is_done(output: Path, identity: str) -> bool:
+    """True when ``output`` was completed for the same stage identity and is still intact."""
     marker = marker_path(output)
     if not (marker.is_file() and output.is_file()):
         return False
     info = read_json(marker)
-    return info.get("fingerprint") == fingerprint and info.get("sha256") == sha256_file(output)
+    return info.get("identity") == identity and info.get("sha256") == sha256_file(output)
 
 
-def mark_done(output: Path, fingerprint: str, **info: Any) -> dict[str, Any]:
-    record = {"name": output.name, "fingerprint": fingerprint, "sha256": sha256_file(output),
+def mark_done(output: Path, identity: str, **info: Any) -> dict[str, Any]:
+    record = {"name": output.name, "identity": identity, "sha256": sha256_file(output),
               "bytes": output.stat().st_size, **info}
     atomic_write_json(marker_path(output), record)
     return record
 
 
-def read_marker(output: Path) -> dict[str, Any]:
-    return read_json(marker_path(output))
+def completed_set(outputs: list[Path], identity: str) -> list[dict[str, Any]] | None:
+    """Every output's marker once all are complete for ``identity``; None while some are still missing.
+    An output made for another identity (a task rerun with other settings) is refused, naming both."""
+    markers = []
+    for output in outputs:
+        if not (marker_path(output).is_file() and output.is_file()):
+            return None
+        info = read_json(marker_path(output))
+        if info.get("identity") != identity:
+            raise LineageError(
+                f"{output} was made for identity {info.get('identity')}, the other tasks for {identity}: the "
+                "array's tasks ran with different settings. Rerun every task with one config "
+                "(python launch/pipeline.py re-makes the stage)")
+        if info.get("sha256") != sha256_file(output):
+            return None  # damaged since: the task that owns it redoes it
+        markers.append(info)
+    return markers

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.errors import UserError
-from runtime.files import TMP_MARK, atomic_path, fsync_dir, sha256_file
+from runtime.files import DIR_MODE, FILE_MODE, TMP_MARK, atomic_path, fsync_dir, sha256_file
 from runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -112,6 +112,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     final = directory / f"{STEP_PREFIX}{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}", dir=directory))
     try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes it 0o700; the renamed checkpoint must honour the umask
         save_file(_model_tensors(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
@@ -120,6 +121,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
+                os.fchmod(fh.fileno(), FILE_MODE)  # safetensors creates its file 0o600 whatever the umask
                 os.fsync(fh.fileno())
         if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
             _discard(final)

@@ -29,12 +29,19 @@ def stage_parser(description: str, *, training: bool = False, array_task: bool =
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> NoReturn:
-    """Parse, run, and turn the errors a user can fix into a message and a status, not a traceback."""
+    """Parse, run, and turn the errors a user can fix into a message and a status, not a traceback.
+    A process started by one of our launchers dies with it (runtime/process.py)."""
+    from runtime.process import honour_parent_watch
+    from runtime.signals import EXIT_INTERRUPTED
     from runtime.trainer import NonFiniteLossError
 
+    honour_parent_watch()
     args = parser.parse_args()
     try:
         sys.exit(main(args))
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and exits 130 itself)
+        print(f"interrupted: {parser.prog} stopped; rerun the same command to continue", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)

@@ -13,11 +13,21 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runtime.errors import UserError
+from runtime.ownership import read_marker
 
 CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 """The seven ISIC 2018 / HAM10000 diagnosis classes, in ISIC 2018 column order (class index = position)."""
@@ -28,13 +38,72 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: 1e309 parses to inf, and inf / NaN would be saved as null, leaving a
+    # config.json that can never load again (and a training that diverges at step 0).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# ----- value types shared by several fields: each refuses what would only fail later -----------------
+SEED_LIMIT = 2**32
+"""Seeds are 0 <= seed < 2**32: torch.manual_seed overflows past 2**64 (a crash at training start), and
+seed_everything folds numpy's seed modulo 2**32, so a larger seed would silently share numpy's stream
+with a smaller one. Below 2**32 every consumer (random, numpy, torch, derive_seed) takes it as it is."""
+
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="random seed, 0 <= seed < 2**32")]
+
+
+def _path_text(value: Any) -> Any:
+    # Path("") is "." (the current folder) and a NUL byte fails at the first open: both are typos.
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        raise ValueError("must be a path, not empty and without NUL characters")
+    return value
+
+
+UserPath = Annotated[Path, BeforeValidator(_path_text)]
+
+
+def _slurm_word(value: str) -> str:
+    # Written unquoted into an "#SBATCH --partition=..." line: a space or line break would cut the
+    # option or inject another line into the batch script; "" would be silently ignored.
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must be one word without spaces, line breaks or control characters "
+                         "(it goes into an #SBATCH line); use null for the cluster's default")
+    return value
+
+
+SlurmWord = Annotated[str, AfterValidator(_slurm_word)]
+
+
+def _shell_line(value: str) -> str:
+    # Each entry becomes one line of the sbatch script; an embedded line break would smuggle in more.
+    if any(c in value for c in "\n\r\x00"):
+        raise ValueError("must be a single shell line (found a line break or NUL); "
+                         "give each command as its own list entry")
+    return value
+
+
+def _odd(value: int) -> int:
+    if value % 2 == 0:
+        raise ValueError(f"must be odd (a masked convolution needs a centre tap); allowed: 3, 5, 7, ... "
+                         f"(got {value})")
+    return value
+
+
+MIN_TEMPERATURE = 1e-3
+
+
+def _usable_temperature(value: float) -> float:
+    # logits / temperature overflows float32 for tiny temperatures: softmax gives NaN, sampling fails.
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"must be at least {MIN_TEMPERATURE} (smaller values overflow the logits to "
+                         f"inf and sampling fails); got {value}")
+    return value
 
 
 class DataConfig(_Strict):
     source: Literal["synthetic", "isic"] = "synthetic"
-    isic_images: Path | None = Field(None, description="folder of ISIC JPEG/PNG images (source=isic)")
-    isic_csv: Path | None = Field(None, description="metadata CSV; omit for class sub-folders")
+    isic_images: UserPath | None = Field(None, description="folder of ISIC JPEG/PNG images (source=isic)")
+    isic_csv: UserPath | None = Field(None, description="metadata CSV; omit for class sub-folders")
     num_images: int = Field(700, gt=0, description="synthetic images to generate")
     image_size: int = Field(64, ge=16, le=4096, description="square size images are stored at in shards")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -43,16 +112,19 @@ class DataConfig(_Strict):
     shard_max_bytes: int = Field(256 * 2**20, gt=1024)
     jpeg_quality: int = Field(95, ge=50, le=100)
     hair_probability: float = Field(0.5, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
     workers: int = Field(0, ge=0, description="packing processes; 0 = all cores")
 
 
 class VQVAEConfig(_Strict):
     arch: Literal["seed", "improved"] = "improved"
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 256])
+    # 1..8 stages (a down-sampling factor up to 256 = 2**8; image_size is at most 4096), widths >= 1.
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128, 256, 256],
+                                                        min_length=1, max_length=8)
     """seed: encoder conv widths (one stride-2 conv each); improved: widths of the down-sampling stages."""
     res_blocks: int = Field(2, ge=0, description="improved only: residual blocks per stage")
-    codebook_size: int = Field(512, ge=2)
+    # <= 2**15: code grids are stored as int16 (encode, sample), so larger indices would wrap around.
+    codebook_size: int = Field(512, ge=2, le=2**15)
     code_dim: int = Field(64, ge=1)
     commitment: float = Field(0.25, ge=0.0)
     quantizer: Literal["loss", "ema"] = "ema"
@@ -77,7 +149,7 @@ class OptimConfig(_Strict):
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(256, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    seed: Seed = 0
     augment: bool = True
 
 
@@ -86,17 +158,17 @@ class PriorConfig(_Strict):
     """pixelcnn: the report's masked PixelCNN (has the blind spot); gated: vertical+horizontal stacks."""
     filters: int = Field(120, gt=0)
     layers: int = Field(8, ge=1)
-    kernel_size: int = Field(7, ge=3)
+    kernel_size: Annotated[int, Field(ge=3), AfterValidator(_odd)] = 7
     conditional: bool = True
     embed_dim: int = Field(64, gt=0, description="code embedding width fed to the prior")
 
 
 class SampleConfig(_Strict):
     per_class: int = Field(4, gt=0)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: Annotated[float, Field(gt=0.0), AfterValidator(_usable_temperature)] = 1.0
     batch_size: int = Field(32, gt=0)
     num_tasks: int = Field(2, gt=0, description="sampling tasks (Slurm array size), each with its own seed")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EncodeConfig(_Strict):
@@ -105,23 +177,25 @@ class EncodeConfig(_Strict):
 
 
 class SlurmResources(_Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    partition: SlurmWord | None = None
+    account: SlurmWord | None = None
+    qos: SlurmWord | None = None
     time_min: int = Field(60, gt=0)
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     processes_per_node: int = Field(1, gt=0, description="accelerate processes per node (training stages)")
     cpus_per_task: int = Field(2, gt=0)
     mem_gb: int = Field(4, gt=0)
-    constraint: str | None = None
+    constraint: SlurmWord | None = None
     array_parallelism: int = Field(8, gt=0)
 
 
 class ClusterConfig(_Strict):
     signal: Literal["USR1", "USR2", "TERM", "INT"] = "USR2"
-    signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit Slurm signals")
-    setup: list[str] = Field(default_factory=list, description="shell lines run first (module load, venv)")
+    # <= 65535: the largest delay sbatch --signal=SIG@DELAY accepts.
+    signal_delay_s: int = Field(120, ge=10, le=65535, description="seconds before the time limit Slurm signals")
+    setup: list[Annotated[str, AfterValidator(_shell_line)]] = Field(
+        default_factory=list, description="shell lines run first (module load, venv)")
     max_requeues: int = Field(5, ge=0)
     data: SlurmResources = Field(default_factory=SlurmResources)
     train_vqvae: SlurmResources = Field(default_factory=SlurmResources)
@@ -130,10 +204,24 @@ class ClusterConfig(_Strict):
     sample: SlurmResources = Field(default_factory=SlurmResources)
     report: SlurmResources = Field(default_factory=SlurmResources)
 
+    @model_validator(mode="after")
+    def _signal_before_limit(self) -> ClusterConfig:
+        # A stop signal due at or before the job starts would make every job checkpoint and requeue
+        # at once, max_requeues times, without doing any work.
+        for stage in ("data", "train_vqvae", "encode", "train_prior", "sample", "report"):
+            minutes = getattr(self, stage).time_min
+            if minutes * 60 <= self.signal_delay_s:
+                raise ValueError(
+                    f"cluster.{stage}.time_min={minutes} ({minutes * 60} s) must be longer than "
+                    f"cluster.signal_delay_s={self.signal_delay_s}, or Slurm signals the job before it can work; "
+                    f"allowed: time_min > {self.signal_delay_s // 60}"
+                )
+        return self
+
 
 class RunConfig(_Strict):
     preset: str = "smoke"
-    run_dir: Path = Path("runs/smoke")
+    run_dir: UserPath = Path("runs/smoke")
     wandb: Literal["offline", "online", "disabled"] = "offline"
     data: DataConfig = Field(default_factory=DataConfig)
     vqvae: VQVAEConfig = Field(default_factory=VQVAEConfig)
@@ -143,6 +231,14 @@ class RunConfig(_Strict):
     prior_train: OptimConfig = Field(default_factory=OptimConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # A saved config is completed from the preset it names (load_config), so it must exist.
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; allowed: {', '.join(PRESETS)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -266,52 +362,101 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
             node = node[key]
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
+def _format_errors(err: ValidationError, what: str) -> str:
+    """Every problem on ONE line (CLIs print it after "error: "), each naming its key."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "config"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"  {key}: {e['msg']}{got}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        problems.append(f"{key}: {e['msg']}{got}")
+    return f"{what}: " + "; ".join(problems)
 
 
-def build_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (),
-                 base: dict[str, Any] | None = None) -> RunConfig:
-    """A validated config from a preset (or a saved config ``base``) plus ``key=value`` overrides."""
-    if base is None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-        base = _merge(RunConfig().model_dump(mode="json"), PRESETS[preset]())
+def _preset_tree(preset: str) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    return _merge(RunConfig().model_dump(mode="json"), PRESETS[preset]())
+
+
+def _absolute(path: Path) -> Path:
+    """A relative path means what it meant where it was typed: the command's working directory.
+    Stages run from another folder (the repository root), so configs carry absolute paths."""
+    return path if path.is_absolute() else (Path.cwd() / path).resolve()
+
+
+def _validated(base: dict[str, Any], overrides: list[str] | tuple[str, ...], what: str) -> RunConfig:
     tree = json.loads(json.dumps(base, default=str))
     for override in overrides:
         apply_override(tree, override)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(_format_errors(err, what)) from None
+    cfg.run_dir = _absolute(cfg.run_dir)
+    for name in ("isic_images", "isic_csv"):
+        if (value := getattr(cfg.data, name)) is not None:
+            setattr(cfg.data, name, _absolute(value))
+    return cfg
+
+
+def build_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (),
+                 base: dict[str, Any] | None = None) -> RunConfig:
+    """A validated config from a preset (or a complete config tree ``base``) plus ``key=value`` overrides.
+
+    Relative paths (``run_dir``, ``data.isic_images``, ``data.isic_csv``) are made absolute against the
+    current working directory."""
+    return _validated(_preset_tree(preset) if base is None else base, overrides, "invalid configuration")
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A saved config file plus overrides.
+
+    Keys the file lacks come from the preset it records (its ``preset`` key), never from another
+    preset's defaults. ``RUN_DIR/config.json`` inside a lesion-vq run directory belongs to that
+    directory, so a copied run (``cp -a runs/a runs/b``) works on ``runs/b``; an explicit
+    ``run_dir=...`` override still wins."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        base = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
-    return build_config(base=base, overrides=overrides)
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of config sections, "
+                          f"not a JSON {type(saved).__name__}")
+    preset = saved.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        found = "has no 'preset' key" if "preset" not in saved else f"names an unknown preset {preset!r}"
+        raise ConfigError(f"config file {path} {found}: it must name the preset it was made from, which "
+                          f"completes any key it lacks; allowed: {', '.join(PRESETS)}")
+    base = _merge(_preset_tree(preset), saved)
+    marker = read_marker(path.parent) if path.name == "config.json" else None
+    if marker is not None and marker.get("kind") == "run":
+        base["run_dir"] = str(path.parent.resolve())
+    what = f"invalid configuration in {path}" + (" with overrides" if overrides else "")
+    return _validated(base, overrides, what)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="starting point")
+    # default None (not "smoke"): config_from_args must tell an explicit --preset from none at all.
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="starting point (default: smoke); not with --config")
     parser.add_argument("--config", type=Path, help="a saved config.json (e.g. RUN_DIR/config.json)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. vqvae_train.batch_size=32 run_dir=runs/x")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    preset = getattr(args, "preset", None)
     if args.config is not None:
+        if preset is not None:
+            raise ConfigError(f"--preset and --config cannot be combined: {args.config} records its own preset; "
+                              f"drop --preset, or drop --config to start from preset {preset!r}")
         return load_config(args.config, args.overrides)
-    return build_config(args.preset, args.overrides)
+    return build_config(preset or "smoke", args.overrides)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

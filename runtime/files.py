@@ -3,6 +3,10 @@
 Writers go to a temporary name in the same directory, fsync, then ``os.replace`` to the final
 name, so a kill at any moment leaves either the old file, no file, or a ``*.tmp-*`` leftover that
 no reader ever opens.
+
+Files and folders made here get the modes ordinary creation would give them (0o666 / 0o777 minus the
+umask), not mkstemp's private 0o600 / 0o700: on a shared cluster, colleagues whose umask lets them read
+our outputs must be able to read reports, manifests, shards and weights.
 """
 
 from __future__ import annotations
@@ -19,6 +23,22 @@ from typing import Any
 TMP_MARK = ".tmp-"
 
 
+def _current_umask() -> int:
+    """The process umask. POSIX can only read it by setting it, and the umask is process-wide: a
+    thread creating a file between the two calls would create it with umask 0. So this runs once,
+    at import, when no other thread of ours is creating files; later umask changes are not seen."""
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_UMASK = _current_umask()
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of the files written here, as ``open()`` would create them."""
+DIR_MODE = 0o777 & ~_UMASK
+"""Mode for directories made with ``tempfile.mkdtemp`` (0o700) that become visible outputs."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
@@ -30,6 +50,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
+            # After the writer: mkstemp made the file 0o600, and so may a writer that recreates it.
+            os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)

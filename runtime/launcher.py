@@ -9,14 +9,28 @@ Two traps handled here:
   and orphan the workers before they can checkpoint. ``python -m runtime.launcher`` runs accelerate's
   launcher with the stop signal ignored; the workers inherit "ignored", then install their own
   handler (runtime/signals.py) and checkpoint on it.
+- A launcher that dies must take its workers along: they run with the parent-death signal
+  (runtime/process.py), and SIGTERM/SIGINT reaching a single-process launcher (which accelerate runs
+  as a plain child, without a handler) are passed on to the worker, which checkpoints on them.
+
+Inside a Slurm job step, ``python -m runtime.launcher stage NAME --config C`` runs one task of any
+registered stage (slurm/stage.sh uses it): training stages read their node rank from the task's own
+environment, others are exec'ed directly.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from types import FrameType
+
+from runtime.process import WATCH_ENV
+from runtime.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, STOP_STATUSES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,52 +58,88 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
     return [*cmd, os.path.join(REPO_ROOT, script), *script_args], env
 
 
-def slurm_node_command(script: str, script_args: list[str]) -> tuple[list[str], dict[str, str]]:
+def slurm_node_command(script: str, script_args: list[str], *, processes_per_node: int, mixed_precision: str,
+                       stop_signal: str) -> tuple[list[str], dict[str, str]]:
     """The launch command for THIS node of a Slurm job, read from the environment inside the srun task.
 
     Reading ``SLURM_NODEID`` here, in the task, is what gives each node its own machine rank; a
     ``$SLURM_NODEID`` written into the batch script is expanded once on the first node, so every
-    node would claim rank 0.
+    node would claim rank 0. Processes per node: one per GPU, else ``processes_per_node`` of the
+    stage's resources (``LESION_VQ_PROCS_PER_NODE`` overrides both).
     """
     env = os.environ
     nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], check=True,
                            capture_output=True, text=True).stdout.split()
     gpus = int(env.get("SLURM_GPUS_ON_NODE", "0") or 0)
-    processes = int(env.get("LESION_VQ_PROCS_PER_NODE", "0") or 0) or max(gpus, 1)
+    processes = int(env.get("LESION_VQ_PROCS_PER_NODE", "0") or 0) or gpus or processes_per_node
     return accelerate_command(script, script_args, processes=processes, num_machines=len(nodes),
                               machine_rank=int(env["SLURM_NODEID"]), main_address=nodes[0],
                               main_port=20000 + int(env["SLURM_JOB_ID"]) % 20000, use_gpu=gpus > 0,
-                              stop_signal=env.get("LESION_VQ_SIGNAL", "USR2"))
+                              mixed_precision=mixed_precision, stop_signal=stop_signal)
+
+
+def _stage_task(name: str, stage_args: list[str]) -> None:
+    """``python -m runtime.launcher stage NAME --config C [KEY=VALUE ...]`` inside a Slurm job step."""
+    from runtime.config import add_config_args, config_from_args
+    from runtime.stages import stage
+
+    spec = stage(name)
+    if spec.kind != "training":
+        argv = [sys.executable, "-m", spec.module, *stage_args]
+        os.execvpe(argv[0], argv, os.environ)
+    parser = argparse.ArgumentParser(prog=f"runtime.launcher stage {name}")
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_known_args(stage_args)[0])
+    argv, extra = slurm_node_command(
+        spec.script, stage_args, processes_per_node=getattr(cfg.cluster, spec.resources).processes_per_node,
+        mixed_precision=spec.optim(cfg).mixed_precision, stop_signal=cfg.cluster.signal)
+    os.execvpe(argv[0], argv, os.environ | extra)
+
+
+def _forward_to_children(signum: int, _frame: FrameType | None) -> None:
+    """accelerate runs a single worker as a plain child with no handler: pass the signal on, so the
+    worker checkpoints, and keep waiting for it."""
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signum)
 
 
 def main() -> None:
     mode, *rest = sys.argv[1:]
-    if mode == "slurm":  # python -m runtime.launcher slurm SCRIPT [ARGS...]   (inside srun)
-        argv, extra = slurm_node_command(rest[0], rest[1:])
-        os.execvpe(argv[0], argv, os.environ | extra)
+    if mode == "stage":
+        _stage_task(rest[0], rest[1:])
     # python -m runtime.launcher SIGNAL launch ACCELERATE_ARGS...
-    signal.signal(getattr(signal, f"SIG{mode}"), signal.SIG_IGN)
+    for name in ("TERM", "INT"):
+        signal.signal(getattr(signal, f"SIG{name}"), _forward_to_children)
+    for name in {mode, "USR1", "USR2"} - {"TERM", "INT"}:  # warning signals: the workers act on them
+        signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
+    os.environ[WATCH_ENV] = "KILL"  # the workers die with this launcher, however it dies
     from accelerate.commands.accelerate_cli import main as accelerate_main
 
     sys.argv = ["accelerate", *rest]
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from runtime.signals import EXIT_REQUEUE
-
     try:
         accelerate_main()
     except SignalException as err:
-        # SIGTERM reached the launcher too (scancel, pre-emption: Slurm signals every process). torchrun
-        # has already passed it on to the workers and waited for them; they checkpoint on it at the next
-        # step, so this run is one to requeue and resume, not a failure.
-        print(f"runtime.launcher: stopped by {signal.Signals(err.sigval).name}; exiting {EXIT_REQUEUE} "
-              "to be requeued (the workers checkpoint on the same signal)", file=sys.stderr)
-        sys.exit(EXIT_REQUEUE)
+        # SIGTERM/SIGINT reached torchrun's agent too (scancel, pre-emption, Ctrl-C: every process gets it).
+        # It has already passed it on to the workers and waited for them; they checkpoint on it at the next
+        # step, so this run is one to resume, not a failure.
+        code = EXIT_INTERRUPTED if err.sigval == signal.SIGINT else EXIT_REQUEUE
+        print(f"runtime.launcher: stopped by {signal.Signals(err.sigval).name}; exiting {code} "
+              "(the workers checkpoint on the same signal)", file=sys.stderr)
+        sys.exit(code)
     except Exception as err:  # a worker failed: exit with ITS status, so 75 ("requeue me") survives
         code = worker_exit_status(err)
         if code is None:
             raise
-        print(f"runtime.launcher: training worker(s) exited with status {code}", file=sys.stderr)
+        if code not in STOP_STATUSES:
+            print(f"runtime.launcher: training worker(s) exited with status {code}", file=sys.stderr)
         sys.exit(code)
 
 
@@ -101,16 +151,15 @@ def worker_exit_status(err: BaseException) -> int | None:
     and the pipeline. When a worker exited 75 and no other worker failed for another reason (peers
     may be terminated by the agent), report 75; otherwise the first failure's status.
     """
-    from runtime.signals import EXIT_REQUEUE
-
     if isinstance(err, subprocess.CalledProcessError):
         codes = [err.returncode]
     elif isinstance(getattr(err, "failures", None), dict) and err.failures:  # type: ignore[attr-defined]
         codes = [int(f.exitcode) for f in err.failures.values()]  # type: ignore[attr-defined]
     else:
         return None
-    if EXIT_REQUEUE in codes and all(c in (EXIT_REQUEUE, 0) or c < 0 for c in codes):
-        return EXIT_REQUEUE
+    for stop in STOP_STATUSES:
+        if stop in codes and all(c in (*STOP_STATUSES, 0) or c < 0 for c in codes):
+            return max(c for c in codes if c in STOP_STATUSES)
     first = codes[0]
     return first if first > 0 else 128 - first  # killed by signal N: 128 + N, as a shell reports it
 

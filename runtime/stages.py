@@ -1,66 +1,181 @@
-"""Where each pipeline stage lives inside a run directory, and how a stage finds its inputs.
+"""The stage registry and the run layout: the one place a stage is declared and a run's paths are named.
 
-Every stage reads the previous stage's ``manifest.json`` (never a guessed path); a manifest is
-written last and atomically, so its presence means the stage finished.
+Pipeline (local and ``--cluster``), ``--emit-sbatch`` and ``slurm/stage.sh``, dry-run, the report and
+every stage's own entry point iterate over :data:`STAGES`; paths come from :class:`RunLayout`.
+Adding a stage = one :class:`Stage` entry here plus its entry module (see README, "Where a change goes").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from runtime.config import RunConfig
 from runtime.errors import UserError
-from runtime.files import read_json
+from runtime.files import atomic_write_json
 
-STAGES = ("data", "vqvae", "encode", "prior", "sample", "report")
-_DIRS = {"data": "data", "vqvae": "vqvae", "encode": "codes", "prior": "prior", "sample": "samples",
-         "report": "report"}
-_MAKERS = {
-    "data": "python -m shards synth --config RUN_DIR/config.json (or python launch/pipeline.py --only data)",
-    "vqvae": "python vqvae/train.py --config RUN_DIR/config.json",
-    "encode": "python vqvae/encode.py --config RUN_DIR/config.json",
-    "prior": "python prior/train.py --config RUN_DIR/config.json",
-    "sample": "python prior/sample.py --config RUN_DIR/config.json",
-}
+StageKind = Literal["single", "array", "training"]
 
 
-class MissingStageError(UserError):
-    pass
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    folder: str
+    """Output folder inside the run directory."""
+    module: str
+    """``python -m MODULE --config C`` runs one task of it (training stages: under ``accelerate launch``)."""
+    kind: StageKind
+    sections: tuple[str, ...]
+    """Config sections its outputs depend on (minus :data:`runtime.lineage.NOT_IN_IDENTITY`)."""
+    upstream: tuple[str, ...]
+    resources: str
+    """Attribute of ``cfg.cluster`` holding its Slurm resources."""
+    manifest_format: str
+    array_size: str | None = None
+    """For array stages: the config key holding the number of tasks."""
+    always_rerun: bool = False
+    """Cheap summaries of everything else (the report): never up to date, never part of a lineage."""
+
+    @property
+    def script(self) -> str:
+        """Path of the entry module relative to the repository root (``accelerate launch`` wants a file)."""
+        return self.module.replace(".", "/") + ".py"
+
+    def optim(self, cfg: Any) -> Any:
+        """A training stage's optimisation settings (its second config section)."""
+        if self.kind != "training":
+            raise ValueError(f"{self.name} is not a training stage")
+        return getattr(cfg, self.sections[1])
+
+    def tasks(self, cfg: Any) -> int:
+        if self.array_size is None:
+            return 1
+        section, key = self.array_size.split(".")
+        return int(getattr(getattr(cfg, section), key))
 
 
-def stage_dir(cfg: RunConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) / _DIRS[stage]
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "data", "shards.stage", "single", ("data",), (), "data", "lesion-vq/image-shards/v1"),
+    Stage("vqvae", "vqvae", "vqvae.train", "training", ("vqvae", "vqvae_train"), ("data",), "train_vqvae",
+          "lesion-vq/vqvae/v1"),
+    Stage("encode", "codes", "vqvae.encode", "array", ("encode",), ("vqvae", "data"), "encode",
+          "lesion-vq/code-shards/v1", array_size="encode.num_tasks"),
+    Stage("prior", "prior", "prior.train", "training", ("prior", "prior_train"), ("encode",), "train_prior",
+          "lesion-vq/prior/v1"),
+    Stage("sample", "samples", "prior.sample", "array", ("sample",), ("prior", "vqvae"), "sample",
+          "lesion-vq/sample-shards/v1", array_size="sample.num_tasks"),
+    Stage("report", "report", "launch.report", "single", (), ("sample",), "report", "lesion-vq/report/v1",
+          always_rerun=True),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+_BY_NAME = {s.name: s for s in STAGES}
 
 
-def require_manifest(cfg: RunConfig, stage: str, path: Path | None = None) -> dict[str, Any]:
-    """The completed manifest of ``stage`` (or of an explicit directory), or a clear error."""
-    manifest = (path or stage_dir(cfg, stage)) / "manifest.json"
-    if not manifest.is_file():
-        raise MissingStageError(
-            f"{manifest} not found: the {stage} stage has not completed for this run. "
-            f"Run it first: {_MAKERS.get(stage, 'python launch/pipeline.py')}")
-    return read_json(manifest)
+def stage(name: str) -> Stage:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}; allowed: {', '.join(STAGE_NAMES)}") from None
 
 
-_VOLATILE = frozenset({"created", "config", "inputs"})
-"""Manifest keys that say when or where, not what: creation time; and, in training manifests, the full
-config (with its run_dir) and input paths, whose relevant parts the ``digest`` entry already covers.
-Left out of a manifest's identity, so the same inputs give the same downstream digests (and
-byte-identical weights files) in every run directory."""
+def downstream(names: set[str]) -> list[str]:
+    """``names`` and every stage that (transitively) reads them, in pipeline order."""
+    out: list[str] = []
+    for s in STAGES:
+        if s.name in names or any(u in out for u in s.upstream):
+            out.append(s.name)
+    return out
 
 
-def _content(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _content(v) for k, v in value.items() if k not in _VOLATILE}
-    if isinstance(value, list):
-        return [_content(v) for v in value]
-    return value
+# ----- paths -----------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
 
 
-def manifest_hash(cfg: RunConfig, stage: str, path: Path | None = None) -> str:
-    """Identity of a stage's outputs as seen by its consumers: sha256 of its manifest's content."""
-    manifest = read_json((path or stage_dir(cfg, stage)) / "manifest.json")
-    return hashlib.sha256(json.dumps(_content(manifest), sort_keys=True).encode()).hexdigest()[:16]
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+SHARD_PATTERN = "shard-%06d.tar"
+"""The same name as a printf pattern, for webdataset's ShardWriter."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path inside a run directory."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Any) -> RunLayout:
+        return cls(Path(cfg.run_dir))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def pipeline(self) -> Path:
+        """The pipeline's own bookkeeping (lock, timings, last cluster submission)."""
+        return self.root / ".pipeline"
+
+    @property
+    def lock(self) -> Path:
+        return self.pipeline / "lock"
+
+    @property
+    def jobs(self) -> Path:
+        return self.pipeline / "jobs.json"
+
+    def timing(self, name: str) -> Path:
+        return self.pipeline / f"{name}.timing.json"
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / stage(name).folder
+
+    def manifest(self, name: str) -> Path:
+        return self.stage_dir(name) / MANIFEST
+
+    def slurm_dir(self, name: str) -> Path:
+        """submitit's files and the job logs of a stage."""
+        return self.root / "slurm" / name
+
+
+# ----- manifests ---------------------------------------------------------------------------------------
+class ManifestError(UserError, ValueError):
+    """A stage output without a complete, readable manifest of the expected format."""
+
+
+_MAKERS = "python launch/pipeline.py --only {name} --config RUN_DIR/config.json"
+
+
+def read_manifest(folder: Path, fmt: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The manifest in ``folder``, checked to be a JSON object of format ``fmt`` (any lesion-vq one if None)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: {folder} is not a complete lesion-vq output "
+                            "(manifests are written last)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{path} is unreadable or incomplete: {err}") from None
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if not isinstance(manifest, dict) or (formats and got not in formats) or not str(got).startswith("lesion-vq/"):
+        expected = " or ".join(formats) if formats else "a lesion-vq format"
+        raise ManifestError(f"{path} has format {got!r}; expected {expected}")
+    return manifest
+
+
+def read_stage_manifest(folder: Path, name: str) -> dict[str, Any]:
+    """A completed stage's manifest, or one line saying how to make it."""
+    if not (Path(folder) / MANIFEST).is_file():
+        raise ManifestError(f"{Path(folder) / MANIFEST} not found: the {name} stage has not completed for this "
+                            f"run. Run it first: {_MAKERS.format(name=name)}")
+    return read_manifest(folder, stage(name).manifest_format)
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> None:
+    """Written last and atomically: its presence means the output is complete."""
+    atomic_write_json(Path(folder) / MANIFEST, body)

@@ -5,19 +5,22 @@ sample); this module owns everything else: accelerate/DDP set-up, the step-based
 deterministic data position, atomic checkpoints and ``--resume auto``, the Slurm warning signal,
 NaN/Inf detection, metric logging and the stage manifest that the next stage reads.
 
-Data: each rank builds its own shard loader for (seed, epoch, rank, world, start step). The loader is
-deliberately NOT passed to ``accelerator.prepare()``: accelerate would wrap it for dispatching or
-sharding and split the data a second time, silently losing samples.
+Data: each rank asks the plan's :class:`TrainData` for its own loader for (epoch, start step, rank,
+world). The loader is deliberately NOT passed to ``accelerator.prepare()``: accelerate would wrap it
+for dispatching or sharding and split the data a second time, silently losing samples.
+
+One writer: the main process holds ``OUT/.lock`` for the whole run, so two trainings (a rerun while
+an orphan still trains, a by-hand run beside the pipeline) can never write one checkpoint folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,15 +40,15 @@ from runtime.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from runtime.config import ConfigError, OptimConfig, RunConfig
+from runtime.config import OptimConfig, RunConfig
 from runtime.errors import UserError
-from runtime.files import atomic_write_json, sha256_file
+from runtime.files import sha256_file
+from runtime.lineage import StageRun
 from runtime.log import get_logger
+from runtime.process import exclusive_lock
 from runtime.seeding import seed_everything
-from runtime.signals import EXIT_REQUEUE, StopRequest
+from runtime.signals import StopRequest
 from runtime.tracking import RunLogger
-from shards.loader import make_train_loader, steps_per_epoch
-from shards.manifest import ManifestError, read_manifest, verify_shards
 
 log = get_logger(__name__)
 
@@ -65,40 +68,37 @@ class TrainTask(Protocol):
     def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:
         """Validation metrics and image files, on the main process with the unwrapped model."""
 
-    decode: Callable[..., dict[str, Any] | None] | None
-    """Turns one raw shard sample into tensors; None: the loader's image decoding + augmentation."""
+
+class TrainData(Protocol):
+    """What the trainer needs of its data (shards.loader.ShardTrainData implements it)."""
+
+    def check(self, world_size: int) -> None:
+        """Raise a UserError when the data cannot be trained on (damaged, empty, too small)."""
+
+    def steps_per_epoch(self, world_size: int) -> int: ...
+
+    def loader(self, *, epoch: int, start_step: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+        """This rank's batches of one epoch from ``start_step`` on; the same count on every rank."""
 
 
 @dataclass
 class TrainPlan:
     """Where a training stage reads and writes, and what its outputs depend on."""
 
-    out_dir: Path
-    train_split: Path
-    val_split: Path
-    num_train_samples: int
+    run: StageRun
+    """Output folder and identity (runtime/lineage.py): a checkpoint of another identity is never resumed."""
+    data: TrainData
     optim: OptimConfig
     config: RunConfig
-    digest: str
-    """Hash of everything the weights depend on (config sections + upstream manifest); a checkpoint
-    with another digest is never resumed."""
-    inputs: dict[str, Any] = field(default_factory=dict)
     resume: str = "auto"
     keep_checkpoints: int = 3
     process_group_timeout_s: int = 600
+    manifest_extras: dict[str, Any] = field(default_factory=dict)
+    """Facts downstream stages read from this stage's manifest (e.g. the prior's code grid)."""
 
-
-# Settings that do not change the trained weights: changing them never invalidates a checkpoint.
-NOT_AFFECTING_WEIGHTS = {"num_workers", "log_every", "eval_every", "eval_batches", "checkpoint_every"}
-
-
-def training_digest(cfg: RunConfig, model_section: str, optim_section: str, upstream: str) -> str:
-    """What a stage's weights depend on: model config, optimisation config and the upstream manifest."""
-    optim = {k: v for k, v in getattr(cfg, optim_section).model_dump(mode="json").items()
-             if k not in NOT_AFFECTING_WEIGHTS}
-    payload = {"model": getattr(cfg, model_section).model_dump(mode="json"), "optim": optim,
-               "upstream": upstream}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    @property
+    def out_dir(self) -> Path:
+        return self.run.out_dir
 
 
 def learning_rate(optim: OptimConfig, step: int) -> float:
@@ -138,52 +138,41 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def check_training_shards(split: Path, val: Path) -> None:
-    """Refuse to train on shards that are missing, truncated or modified since packing (sha256 against the
-    manifests of the train and val splits; about 1 s per GB, once per start). Damaged data would otherwise show
-    up only as samples silently missing from every epoch, or as wrong pixels that nothing notices."""
-    # Evaluation reads the val split: an empty one would fail mid-training, so refuse it up front.
-    if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
-        raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
-                          f"with enough images that the val split gets at least one (e.g. data.num_images)")
-    problems = verify_shards(split) + verify_shards(val)
-    if problems:
-        raise ManifestError(
-            f"{split.parent}: {len(problems)} shard(s) do not match their manifest, refusing to train on them: "
-            f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Check with `python -m shards "
-            f"inspect {split.parent}` and repack (e.g. python launch/pipeline.py --only data).")
-
-
 def train(task: TrainTask, plan: TrainPlan) -> int:
-    """Run (or resume) training; returns the process exit status (0 done, EXIT_REQUEUE stopped)."""
+    """Run (or resume) training; returns the process exit status (0 done, 75 or 130 stopped by a signal)."""
+    # Every rank checks before any process group exists, so a refusal cannot leave a peer waiting.
+    plan.data.check(int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        with exclusive_lock(plan.out_dir / ".lock", f"another {task.stage} training is writing to {plan.out_dir}"):
+            return _train(task, plan)
+    return _train(task, plan)
+
+
+def _train(task: TrainTask, plan: TrainPlan) -> int:
     optim, cfg = plan.optim, plan.config
-    check_training_shards(plan.train_split, plan.val_split)  # every rank, before any process group exists: no hang
     accelerator = make_accelerator(optim, plan.process_group_timeout_s)
-    if plan.num_train_samples < accelerator.num_processes:  # every rank raises: no collective, no hang
-        raise ConfigError(
-            f"{task.stage}: {accelerator.num_processes} processes but only {plan.num_train_samples} training "
-            f"samples in {plan.train_split}; every process needs at least one (allowed: 1.."
-            f"{plan.num_train_samples} processes, or more data)")
-    stop = StopRequest((cfg.cluster.signal, "TERM"))
+    # Both USR signals, whatever cluster.signal says: a job submitted by plain sbatch with its own --signal
+    # must not lose the warning (the launchers ignore both for the same reason).
+    stop = StopRequest((cfg.cluster.signal, "USR1", "USR2", "TERM", "INT"))
     seed_everything(optim.seed)  # same initial weights on every rank, and across reruns
     model = task.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     ckpt_dir = plan.out_dir / "checkpoints"
 
-    state = TrainState(config_digest=plan.digest)
+    state = TrainState(config_digest=plan.run.identity)
     resume_from = latest_checkpoint(ckpt_dir) if plan.resume == "auto" else (
         None if plan.resume == "none" else Path(plan.resume))
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
-        if state.config_digest != plan.digest:
+        if state.config_digest != plan.run.identity:
             raise CheckpointError(  # a UserError: one line, exit 2 (SystemExit gave exit 1)
                 f"checkpoint {resume_from} belongs to another configuration or input data "
-                f"(digest {state.config_digest} != {plan.digest}); use a new run_dir or --resume none")
+                f"(identity {state.config_digest} != {plan.run.identity}); use a new run_dir or --resume none")
         if accelerator.is_main_process:
             log.info("resumed from %s (step %d)", resume_from, state.step)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    spe = steps_per_epoch(plan.num_train_samples, optim.batch_size, world)
+    spe = plan.data.steps_per_epoch(world)
     if accelerator.is_main_process:
         log.info("%s: %d processes (%s), %d steps/epoch, training to step %d", task.stage, world,
                  accelerator.distributed_type, spe, optim.max_steps)
@@ -205,10 +194,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
     images_seen, bad_samples, t_log, exit_status = 0, 0, time.perf_counter(), 0
     while state.step < optim.max_steps and exit_status == 0:
         epoch, start = divmod(state.step, spe)
-        loader = make_train_loader(plan.train_split, batch_size=optim.batch_size, rank=rank, world_size=world,
-                                   epoch=epoch, seed=optim.seed, start_step=start, num_workers=optim.num_workers,
-                                   augment=optim.augment, shuffle_buffer=optim.shuffle_buffer, decode=task.decode)
-        for batch in loader:
+        for batch in plan.data.loader(epoch=epoch, start_step=start, rank=rank, world_size=world):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(optim, state.step)
             model.train()
@@ -249,10 +235,11 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
             if _any_rank(stop.requested, accelerator.device):
                 if state.step % optim.checkpoint_every and state.step != optim.max_steps:
                     checkpoint()
+                exit_status = stop.exit_status
                 if accelerator.is_main_process:
-                    log.warning("stop requested (%s): checkpoint at step %d saved, exiting %d to be requeued",
-                                stop.received or "signal on another rank", state.step, EXIT_REQUEUE)
-                exit_status = EXIT_REQUEUE
+                    log.warning("stop requested (%s): checkpoint at step %d saved, exiting %d (%s)",
+                                stop.received or "signal on another rank", state.step, exit_status,
+                                stop.meaning)
                 break
             if state.step >= optim.max_steps:
                 break
@@ -309,15 +296,7 @@ def _write_stage_outputs(model: torch.nn.Module, plan: TrainPlan, stage: str, st
                          distributed: dict[str, Any]) -> None:
     """Final weights, then the manifest (written last: its presence means the stage is complete)."""
     weights = plan.out_dir / "final" / "model.safetensors"
-    save_weights(model, weights, metadata={"stage": stage, "digest": plan.digest})
-    atomic_write_json(plan.out_dir / "manifest.json", {
-        "format": f"lesion-vq/{stage}/v1",
-        "stage": stage,
-        "digest": plan.digest,
-        "steps": state.step,
-        "weights": str(weights.relative_to(plan.out_dir)),
-        "weights_sha256": sha256_file(weights),
-        "config": plan.config.model_dump(mode="json"),
-        "inputs": plan.inputs,
-        **distributed,
-    })
+    save_weights(model, weights, metadata={"stage": stage, "identity": plan.run.identity})
+    sha = sha256_file(weights)
+    plan.run.finish(sha, {"steps": state.step, "weights": str(weights.relative_to(plan.out_dir)),
+                          "weights_sha256": sha, **plan.manifest_extras, **distributed})

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from runtime.config import CLASSES, ConfigError, add_config_args, config_from_args
-from shards.ingest import IngestError, summarise
-from shards.manifest import ManifestError, read_manifest, verify_shards
+from runtime.errors import UserError
+from shards.ingest import summarise
+from shards.manifest import read_manifest, verify_shards
 from shards.pack import pack_isic, pack_synthetic
 from shards.preview import preview_grid
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                               "use `python -m shards synth` for synthetic data")
         else:
             pack_isic(cfg.data, args.out)
-    except (ConfigError, IngestError, ManifestError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

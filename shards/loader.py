@@ -25,11 +25,12 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from runtime.config import ConfigError, OptimConfig
 from runtime.seeding import torch_generator
-from shards.manifest import read_manifest, shard_paths
+from shards.manifest import ManifestError, read_manifest, shard_paths, verify_shards
 from shards.stream import SampleDecoder, ShardStream, collate, steps_per_epoch
 
-__all__ = ["ImageDecoder", "make_eval_loader", "make_train_loader", "steps_per_epoch"]
+__all__ = ["ImageDecoder", "ShardTrainData", "make_eval_loader", "make_train_loader", "steps_per_epoch"]
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,47 @@ def make_eval_loader(split_dir: Path, *, batch_size: int, rank: int = 0, world_s
                          collate_fn or partial(collate, empty=_empty(size)), rank=rank, world_size=world_size,
                          shuffle=False, max_batches=max_batches)
     return _loader(stream, num_workers)
+
+
+@dataclass
+class ShardTrainData:
+    """A training stage's data: the train split it reads per (epoch, step, rank) and the val split its
+    evaluation needs (the trainer's :class:`runtime.trainer.TrainData`)."""
+
+    train_split: Path
+    val_split: Path
+    optim: OptimConfig
+    decode: SampleDecoder | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(read_manifest(self.train_split)["num_samples"])
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        return steps_per_epoch(self.num_samples, self.optim.batch_size, world_size)
+
+    def loader(self, *, epoch: int, start_step: int, rank: int, world_size: int) -> DataLoader:
+        o = self.optim
+        return make_train_loader(self.train_split, batch_size=o.batch_size, rank=rank, world_size=world_size,
+                                 epoch=epoch, seed=o.seed, start_step=start_step, num_workers=o.num_workers,
+                                 augment=o.augment, shuffle_buffer=o.shuffle_buffer, decode=self.decode)
+
+    def check(self, world_size: int) -> None:
+        """Refuse shards that are missing, truncated or modified since packing (sha256 against the manifests,
+        about 1 s per GB, once per start), an empty val split, or fewer samples than processes. Damaged data
+        would otherwise show up only as samples silently missing from every epoch."""
+        val = self.val_split
+        if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
+            raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
+                              "with enough images that the val split gets at least one (e.g. data.num_images)")
+        problems = verify_shards(self.train_split) + verify_shards(val)
+        if problems:
+            raise ManifestError(
+                f"{self.train_split.parent}: {len(problems)} shard(s) do not match their manifest, refusing to "
+                f"train on them: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Check with "
+                f"`python -m shards inspect {self.train_split.parent}` and repack (python launch/pipeline.py "
+                "--only data).")
+        if self.num_samples < world_size:
+            raise ConfigError(
+                f"{world_size} processes but only {self.num_samples} training samples in {self.train_split}; "
+                f"every process needs at least one (allowed: 1..{self.num_samples} processes, or more data)")

@@ -7,23 +7,20 @@ stage finished.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import UserError
 from runtime.files import sha256_file
+from runtime.stages import ManifestError, stage
+from runtime.stages import read_manifest as _read
 
-FORMAT = "lesion-vq/image-shards/v1"
-CODE_FORMAT = "lesion-vq/code-shards/v1"
+FORMAT = stage("data").manifest_format
+CODE_FORMAT = stage("encode").manifest_format
 """Code shards (vqvae/encode.py) share the split layout, so the same loader and checks read them."""
-MANIFEST = "manifest.json"
-
-
-class ManifestError(UserError, ValueError):
-    """A split or output folder without a complete, readable manifest."""
+__all__ = ["CODE_FORMAT", "FORMAT", "ManifestError", "describe_shard", "read_manifest", "shard_paths",
+           "verify_shards"]
 
 
 def tool_version() -> str:
@@ -38,19 +35,8 @@ def now_iso() -> str:
 
 
 def read_manifest(split_dir: Path) -> dict[str, Any]:
-    """The manifest of ``split_dir`` (a split folder or the top-level output folder)."""
-    path = Path(split_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path} is missing: {split_dir} was never packed completely "
-                            "(packing writes the manifest last; rerun the pack step)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path} is unreadable or incomplete: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, CODE_FORMAT):
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{path} has format {got!r}; expected {FORMAT!r} or {CODE_FORMAT!r}")
-    return manifest
+    """The manifest of ``split_dir`` (a split folder or the top-level output folder) of image or code shards."""
+    return _read(split_dir, (FORMAT, CODE_FORMAT))
 
 
 def shard_paths(split_dir: Path) -> list[Path]:

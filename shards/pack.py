@@ -1,49 +1,49 @@
 """Pack images into WebDataset tar shards: ``OUT/{train,val,test}/shard-%06d.tar`` + manifests.
 
 Crash safety: each shard is written under a temporary name and renamed when closed, each split
-manifest is written atomically after its shards, and ``OUT/manifest.json`` is written last. A
-rerun whose inputs and options hash matches an intact output returns at once; any other rerun
-first deletes the top-level manifest and the old splits, then rebuilds.
+manifest is written atomically after its shards, and ``OUT/manifest.json`` is written last. The
+output folder carries the lesion-vq marker and the data identity (runtime/lineage.py): a rerun with
+the same identity and intact shards returns at once, a half-written one of the same identity is
+rebuilt (only files we wrote are removed), and anything else is refused: an output folder that
+holds the inputs, foreign files or another identity's shards is never touched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
 import os
-import shutil
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import webdataset as wds
 from tqdm import tqdm
 
 from runtime.config import CLASSES, ConfigError, DataConfig
-from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps
+from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps, sha256_file
+from runtime.lineage import StageRun, begin_stage, content_digest
 from runtime.log import get_logger
+from runtime.ownership import MARKER, OwnershipError, refuse_dangerous_output
 from runtime.seeding import derive_seed, numpy_rng
+from runtime.stages import MANIFEST, SHARD_PATTERN, SPLITS
 from shards.encode import Encoded, Job, encode_job
-from shards.ingest import Ingested, ingest, summarise
-from shards.manifest import (
-    FORMAT,
-    MANIFEST,
-    ManifestError,
-    describe_shard,
-    now_iso,
-    read_manifest,
-    tool_version,
-    verify_shards,
-)
-from shards.split import SPLITS, Item, split_by_lesion
+from shards.ingest import ingest, summarise
+from shards.manifest import FORMAT, ManifestError, describe_shard, now_iso, read_manifest, tool_version, verify_shards
+from shards.split import Item, split_by_lesion
 from shards.synth import class_sequence, synth_id
 
 log = get_logger(__name__)
-SHARD_PATTERN = "shard-%06d.tar"
+_OURS = re.compile(r"shard-\d{6}\.tar|manifest\.json|.*" + re.escape(TMP_MARK) + ".*")
+"""The only names packing ever writes inside a split folder (so the only ones it removes)."""
+
+
+class EmptyPackError(ConfigError):
+    """Packing found nothing it could use: exit 2, and no manifest that would look complete."""
 
 
 class _Sink:
@@ -128,44 +128,55 @@ def _write_split(out_dir: Path, split: str, encoded: Iterable[Encoded], cfg: Dat
 
 
 def _clear(out_dir: Path) -> None:
-    """Remove a previous (complete or killed) output: top-level marker first, then the splits."""
+    """Remove our own earlier (killed or damaged) output of the same identity, and nothing else: the
+    top-level manifest first, then shard, manifest and temporary files in the split folders. A split
+    folder holding anything else is refused before a single file is removed."""
+    for split in SPLITS:
+        split_dir = out_dir / split
+        if split_dir.is_dir():
+            foreign = [p.name for p in split_dir.iterdir() if not _OURS.fullmatch(p.name) or not p.is_file()]
+            if foreign:
+                raise OwnershipError(f"{split_dir} holds files packing did not write ({', '.join(foreign[:3])}"
+                                     f"{' ...' if len(foreign) > 3 else ''}); nothing was changed. Move them "
+                                     "elsewhere or choose another output folder")
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for split in SPLITS:
         split_dir = out_dir / split
-        if split_dir.exists():
+        if split_dir.is_dir():
             (split_dir / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(split_dir)
-    if out_dir.exists():
-        remove_stale_temps(out_dir)
+            for path in split_dir.iterdir():
+                path.unlink()
+            split_dir.rmdir()
+    remove_stale_temps(out_dir)
 
 
-def _up_to_date(out_dir: Path, inputs_hash: str) -> dict[str, Any] | None:
+def _up_to_date(run: StageRun) -> dict[str, Any] | None:
     try:
-        manifest = read_manifest(out_dir)
+        manifest = read_manifest(run.out_dir)
     except ManifestError:
         return None
-    if manifest.get("inputs_hash") != inputs_hash:
-        log.info("%s was packed from other inputs or options; rebuilding", out_dir)
+    if manifest.get("identity") != run.identity:
         return None
-    problems = [p for split in manifest["splits"] for p in verify_shards(out_dir / split)]
+    problems = [p for split in manifest["splits"] for p in verify_shards(run.out_dir / split)]
     if problems:
-        log.warning("%s is damaged (%s); rebuilding", out_dir, "; ".join(problems[:3]))
+        log.warning("%s is damaged (%s); rebuilding", run.out_dir, "; ".join(problems[:3]))
         return None
     return manifest
 
 
 def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[dict[str, str]],
-          source: str, fingerprint: Any, root: Path | None) -> dict[str, Any]:
+          source: str, fingerprint: str, root: Path | None) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    # Options that change the bytes written; ``workers`` does not.
-    options = cfg.model_dump(mode="json", exclude={"workers"})
-    inputs_hash = hashlib.sha256(json.dumps([FORMAT, options, fingerprint], sort_keys=True,
-                                            default=str).encode()).hexdigest()[:16]
-    done = _up_to_date(out_dir, inputs_hash)
+    refuse_dangerous_output(out_dir, "output folder", {"images": cfg.isic_images, "CSV": cfg.isic_csv})
+    run = begin_stage(SimpleNamespace(data=cfg), "data", out_dir=out_dir, inputs_fingerprint=fingerprint)
+    done = _up_to_date(run)
     if done is not None:
-        log.info("%s is up to date (inputs hash %s); nothing to do", out_dir, inputs_hash)
+        log.info("%s is up to date (identity %s); nothing to do", out_dir, run.identity)
         return done
     _clear(out_dir)
+    if not jobs:
+        raise EmptyPackError(f"nothing to pack: no usable image was found ({summarise(ingest_skipped)}); "
+                             "no output was written")
     if ingest_skipped:
         log.warning("skipped before packing: %s", summarise(ingest_skipped))
 
@@ -173,7 +184,7 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
                                  cfg.val_fraction, cfg.test_fraction, cfg.seed)
     by_id = {j.image_id: j for j in jobs}
     common = {"format": FORMAT, "classes": list(CLASSES), "image_size": cfg.image_size, "source": source,
-              "options": options, "tool_version": tool_version()}
+              "tool_version": tool_version()}
     ordered = {}
     for split in SPLITS:
         ordered[split] = [by_id[i] for i in assignment[split]]
@@ -188,13 +199,17 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
             splits[split] = _write_split(out_dir, split, encoded, cfg, common)
 
     unreadable = [s for m in splits.values() for s in m["skipped"]]
-    manifest = {**common, "inputs_hash": inputs_hash, "created": now_iso(),
-                "splits": {name: {"num_samples": m["num_samples"], "class_counts": m["class_counts"],
-                                  "shards": len(m["shards"])} for name, m in splits.items()},
-                "found": len(jobs) + len(ingest_skipped),
-                "skipped_counts": dict(Counter(s["kind"] for s in ingest_skipped + unreadable)),
-                "skipped": ingest_skipped + unreadable}
-    atomic_write_json(out_dir / MANIFEST, manifest)  # last: marks the data stage complete
+    skipped = ingest_skipped + unreadable
+    if not any(m["num_samples"] for m in splits.values()):
+        raise EmptyPackError(f"no image could be packed from {len(jobs)} found ({summarise(skipped)}); "
+                             f"no manifest was written to {out_dir}")
+    manifest = run.finish(
+        {split: [s["sha256"] for s in m["shards"]] for split, m in splits.items()},
+        {**common, "created": now_iso(),
+         "splits": {name: {"num_samples": m["num_samples"], "class_counts": m["class_counts"],
+                           "shards": len(m["shards"])} for name, m in splits.items()},
+         "found": len(jobs) + len(ingest_skipped),
+         "skipped_counts": dict(Counter(s["kind"] for s in skipped)), "skipped": skipped})
     log.info("packed %s: %s; skipped: %s", out_dir,
              ", ".join(f"{k}={v['num_samples']}" for k, v in manifest["splits"].items()),
              summarise(manifest["skipped"]))
@@ -207,15 +222,20 @@ def pack_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     jobs = [Job(synth_id(i), int(label), synth_id(i), None, {}, derive_seed(cfg.seed, i))
             for i, label in enumerate(labels)]
     source = f"synthetic: {cfg.num_images} procedural lesions (shards.synth), seed {cfg.seed}"
-    return _pack(cfg, out_dir, jobs, [], source, "synthetic", None)
+    return _pack(cfg, out_dir, jobs, [], source, input_fingerprint(cfg), None)
 
 
-def _fingerprint(found: Ingested, images: Path, csv_path: Path | None) -> dict[str, Any]:
-    """What the output depends on besides the options: the CSV bytes and every file's size/mtime."""
-    files = sorted(p for p in images.rglob("*") if p.is_file())
-    return {"layout": found.layout,
-            "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest() if csv_path else None,
-            "files": [[str(p.relative_to(images)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+def input_fingerprint(cfg: DataConfig) -> str:
+    """What the data stage reads besides its settings, by content: never a path or a time, so a moved
+    or copied data set keeps its identity. ISIC: the CSV bytes and every file's name (relative to the
+    image folder) and sha256 (about 1 s per GB)."""
+    if cfg.source == "synthetic":
+        return "synthetic"
+    images = Path(cfg.isic_images or ".")
+    files = sorted(p for p in images.rglob("*") if p.is_file() and p.name != MARKER) if images.is_dir() else []
+    return content_digest({
+        "csv": sha256_file(Path(cfg.isic_csv)) if cfg.isic_csv and Path(cfg.isic_csv).is_file() else None,
+        "files": [[str(p.relative_to(images)), sha256_file(p)] for p in files]})
 
 
 def pack_isic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
@@ -227,5 +247,4 @@ def pack_isic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     images = Path(cfg.isic_images)
     found = ingest(images, cfg.isic_csv)
     jobs = [Job(r.image_id, r.label, r.lesion_id, r.path, r.row) for r in found.records]
-    return _pack(cfg, out_dir, jobs, found.skipped, found.description,
-                 _fingerprint(found, images, cfg.isic_csv), images)
+    return _pack(cfg, out_dir, jobs, found.skipped, found.description, input_fingerprint(cfg), images)

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.seeding import numpy_rng
-
-SPLITS = ("train", "val", "test")
+from runtime.stages import SPLITS
 
 
 @dataclass(frozen=True)

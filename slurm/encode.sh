@@ -1,17 +1,9 @@
 #!/usr/bin/env bash
-# Encode image shards into code shards, one array task per slice of shards:
-#   sbatch --array=0-3 slurm/encode.sh --config runs/NAME/config.json
-# Each task takes every N-th input shard (N = array size) and skips shards already encoded with the
-# same checkpoint, so resubmitting after failures redoes only what is missing.
+# Encode image shards into code shards (an array) as a Slurm job: slurm/stage.sh encode (resources and warning signal from the config).
+#   slurm/encode.sh --config RUN_DIR/config.json [KEY=VALUE ...]          # submits with cluster.* of the config
+#   sbatch [--nodes=2 ...] slurm/encode.sh --config RUN_DIR/config.json   # runs in the allocation you ask for
 #SBATCH --job-name=lvq-encode
-#SBATCH --array=0-1
-#SBATCH --ntasks=1
-#SBATCH --cpus-per-task=2
-#SBATCH --mem=8G
-#SBATCH --time=01:00:00
-##SBATCH --gpus-per-node=1
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%A_%a.out
-source "${LESION_VQ_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-srun python vqvae/encode.py "$@"
+#SBATCH --output=logs/%x-%j.out
+exec "${LESION_VQ_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}/slurm/stage.sh" encode "$@"

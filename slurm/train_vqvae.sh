@@ -1,19 +1,9 @@
 #!/usr/bin/env bash
-# Train the VQ-VAE:  sbatch slurm/train_vqvae.sh --config runs/NAME/config.json [KEY=VALUE ...]
-# Edit the #SBATCH lines for your site. Multi-node: raise --nodes; one launcher runs per node and
-# starts one process per GPU (or LESION_VQ_PROCS_PER_NODE processes on CPU nodes).
+# Train the VQ-VAE as a Slurm job: slurm/stage.sh vqvae (resources and warning signal from the config).
+#   slurm/train_vqvae.sh --config RUN_DIR/config.json [KEY=VALUE ...]          # submits with cluster.* of the config
+#   sbatch [--nodes=2 ...] slurm/train_vqvae.sh --config RUN_DIR/config.json   # runs in the allocation you ask for
 #SBATCH --job-name=lvq-train-vqvae
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=2
-#SBATCH --mem=8G
-#SBATCH --time=02:00:00
-##SBATCH --gpus-per-node=4
-##SBATCH --partition=gpu
-##SBATCH --account=myproject
-#SBATCH --signal=USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-source "${LESION_VQ_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-run_requeueable srun --kill-on-bad-exit=1 --ntasks-per-node=1 python -m runtime.launcher slurm vqvae/train.py "$@"
+exec "${LESION_VQ_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}/slurm/stage.sh" vqvae "$@"

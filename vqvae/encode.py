@@ -6,7 +6,8 @@
 Every input shard ``data/SPLIT/shard-K.tar`` becomes ``codes/SPLIT/shard-K.tar`` with, per image,
 the same ``__key__``, ``codes.npy`` (int16 grid, read back with ``allow_pickle=False``), ``cls`` and
 ``json``. Task I of N takes every N-th input shard; outputs that are already complete for the same
-checkpoint are skipped. The task that completes the set writes ``codes/manifest.json``.
+stage identity (this config + these VQ-VAE weights + these image shards) are skipped. The task that
+completes the set writes ``codes/manifest.json``.
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from runtime.array_task import is_done, mark_done, read_marker, task_slot
+from runtime.array_task import completed_set, is_done, mark_done, task_slot
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
-from runtime.config import CLASSES, RunConfig, config_from_args
-from runtime.files import atomic_path, atomic_write_json
+from runtime.config import CLASSES, config_from_args
+from runtime.files import atomic_path
+from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
-from runtime.stages import manifest_hash, require_manifest, stage_dir
+from runtime.stages import MANIFEST, SPLITS, RunLayout, write_manifest
 from shards.loader import ImageDecoder
 from shards.manifest import CODE_FORMAT, ManifestError, read_manifest
 from shards.stream import ShardStream, collate
 from vqvae.models import build_vqvae
 
 log = get_logger("encode")
-SPLITS = ("train", "val", "test")
 
 
 def _npy(codes: np.ndarray) -> bytes:
@@ -46,7 +47,7 @@ def _npy(codes: np.ndarray) -> bytes:
 def work_items(data_dir: Path) -> list[tuple[str, str, int]]:
     """(split, shard name, samples) for every input shard, in a fixed order every task agrees on."""
     return [(split, shard["name"], shard["count"]) for split in SPLITS
-            if (data_dir / split / "manifest.json").is_file()
+            if (data_dir / split / MANIFEST).is_file()
             for shard in read_manifest(data_dir / split)["shards"]]
 
 
@@ -84,28 +85,23 @@ def encode_shard(model: torch.nn.Module, source: Path, count: int, output: Path,
     return written, class_counts
 
 
-def finalize(cfg: RunConfig, items: list[tuple[str, str, int]], grid: tuple[int, int], ckpt: str) -> bool:
-    """When every output is complete for this checkpoint: per-split and top-level manifests."""
-    out_dir = stage_dir(cfg, "encode")
+def finalize(run: StageRun, items: list[tuple[str, str, int]], grid: tuple[int, int], codebook_size: int) -> bool:
+    """When every output is complete for this identity: per-split and top-level manifests."""
+    markers = completed_set([run.out_dir / split / name for split, name, _ in items], run.identity)
+    if markers is None:
+        return False
     splits: dict[str, Any] = {}
-    for split, name, _ in items:
-        output = out_dir / split / name
-        if not is_done(output, ckpt):
-            return False
-        marker = read_marker(output)
+    for (split, _, _), marker in zip(items, markers, strict=True):
         entry = splits.setdefault(split, {"num_samples": 0, "shards": [], "class_counts": dict.fromkeys(CLASSES, 0)})
         entry["num_samples"] += marker["count"]
         entry["shards"].append({k: marker[k] for k in ("name", "count", "bytes", "sha256")})
         for cls, n in marker["class_counts"].items():
             entry["class_counts"][cls] += n
-    common = {"codebook_size": cfg.vqvae.codebook_size, "grid": list(grid), "checkpoint_sha256": ckpt,
-              "classes": list(CLASSES)}
+    common = {"codebook_size": codebook_size, "grid": list(grid), "classes": list(CLASSES)}
     for split, entry in splits.items():
-        atomic_write_json(out_dir / split / "manifest.json",
-                          {"format": CODE_FORMAT, "split": split, **common, **entry})
-    atomic_write_json(out_dir / "manifest.json", {
-        "format": CODE_FORMAT, **common,
-        "data_manifest_hash": manifest_hash(cfg, "data"), "vqvae_manifest_hash": manifest_hash(cfg, "vqvae"),
+        write_manifest(run.out_dir / split, {"format": CODE_FORMAT, "split": split, **common, **entry})
+    run.finish([m["sha256"] for m in markers], {
+        **common,
         "splits": {s: {"num_samples": e["num_samples"], "class_counts": e["class_counts"]} for s, e in splits.items()},
     })
     return True
@@ -114,33 +110,32 @@ def finalize(cfg: RunConfig, items: list[tuple[str, str, int]], grid: tuple[int,
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     index, count = task_slot(args)
-    data_dir = stage_dir(cfg, "data")
-    require_manifest(cfg, "data")
-    vq_manifest = require_manifest(cfg, "vqvae")
-    ckpt = vq_manifest["weights_sha256"]
+    run = begin_stage(cfg, "encode")
+    layout = RunLayout.of(cfg)
+    data_dir = layout.stage_dir("data")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_vqvae(cfg.vqvae)
-    load_weights(model, stage_dir(cfg, "vqvae") / vq_manifest["weights"])
+    load_weights(model, layout.stage_dir("vqvae") / run.manifests["vqvae"]["weights"])
     model.to(device).eval()
-    grid = model.code_grid(cfg.data.image_size)
+    image_size = int(run.manifests["data"]["image_size"])
+    grid = model.code_grid(image_size)
 
     items = work_items(data_dir)
-    mine = items[index::count]
     started, total = time.perf_counter(), 0
-    for split, name, count_in in mine:
-        output = stage_dir(cfg, "encode") / split / name
-        if is_done(output, ckpt):
-            log.info("%s/%s: already encoded with this checkpoint, skipped", split, name)
+    for split, name, count_in in items[index::count]:
+        output = run.out_dir / split / name
+        if is_done(output, run.identity):
+            log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
-        n, class_counts = encode_shard(model, data_dir / split / name, count_in, output, cfg.data.image_size,
+        n, class_counts = encode_shard(model, data_dir / split / name, count_in, output, image_size,
                                        cfg.encode.batch_size, device)
-        mark_done(output, ckpt, count=n, class_counts=class_counts)
+        mark_done(output, run.identity, count=n, class_counts=class_counts)
         total += n
     seconds = time.perf_counter() - started
     log.info("task %d/%d: %d images in %.1f s (%.1f images/s)", index, count, total, seconds,
              total / max(seconds, 1e-9))
-    if finalize(cfg, items, grid, ckpt):
-        log.info("all shards encoded: %s", stage_dir(cfg, "encode") / "manifest.json")
+    if finalize(run, items, grid, cfg.vqvae.codebook_size):
+        log.info("all shards encoded: %s", run.out_dir / MANIFEST)
     return 0
 
 

@@ -20,17 +20,16 @@ import torch.nn.functional as F
 from runtime.cli import run_cli, stage_parser
 from runtime.config import RunConfig, config_from_args
 from runtime.images import save_grid
-from runtime.stages import manifest_hash, require_manifest, stage_dir
-from runtime.trainer import TrainPlan, train, training_digest
-from shards.loader import make_eval_loader
-from shards.manifest import read_manifest
+from runtime.lineage import begin_stage
+from runtime.stages import RunLayout
+from runtime.trainer import TrainPlan, train
+from shards.loader import ShardTrainData, make_eval_loader
 from vqvae.metrics import ReconstructionMeter
 from vqvae.models import build_vqvae, count_parameters
 
 
 class VQVAETask:
     stage = "vqvae"
-    decode = None  # images: the loader's own decoding and augmentation
 
     def __init__(self, cfg: RunConfig, val_split: Path) -> None:
         self.cfg = cfg
@@ -69,15 +68,10 @@ class VQVAETask:
 
 
 def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tuple[VQVAETask, TrainPlan]:
-    data_dir = data_dir or stage_dir(cfg, "data")
-    require_manifest(cfg, "data", data_dir)
-    train_split = data_dir / "train"
-    upstream = manifest_hash(cfg, "data", data_dir)
-    plan = TrainPlan(
-        out_dir=stage_dir(cfg, "vqvae"), train_split=train_split, val_split=data_dir / "val",
-        num_train_samples=read_manifest(train_split)["num_samples"], optim=cfg.vqvae_train, config=cfg,
-        digest=training_digest(cfg, "vqvae", "vqvae_train", upstream),
-        inputs={"data_manifest": str(data_dir / "manifest.json"), "data_manifest_hash": upstream}, resume=resume)
+    run = begin_stage(cfg, "vqvae", folders={"data": data_dir} if data_dir else None)
+    data_dir = data_dir or RunLayout.of(cfg).stage_dir("data")
+    plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.vqvae_train),
+                     optim=cfg.vqvae_train, config=cfg, resume=resume)
     return VQVAETask(cfg, data_dir / "val"), plan
 
 

@@ -1,0 +1,208 @@
+"""One lineage: what a stage's outputs are made from, computed one way, checked by every stage.
+
+A stage's **identity** is a hash of (its name and manifest format, its config sections minus
+:data:`NOT_IN_IDENTITY`, the tokens of its upstream outputs, and for the data stage a content
+fingerprint of the input images). Never a path: a moved data set or run directory keeps its identity.
+A finished output's **token** is ``identity/content``, where ``content`` hashes the bytes it produced
+(shard and weights sha256), so two trainings of one config that ended with different weights are told
+apart downstream.
+
+Every manifest records ``identity``, ``content``, ``settings`` (the config values hashed, so a change
+can be named), ``upstream`` (tokens read) and ``lineage`` (the token of itself and of every ancestor).
+The pipeline's up-to-date check, the trainer's resume guard, array-task markers and pack idempotency
+all compare identities from :func:`identity`; :func:`begin_stage` refuses inputs from two lineages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import UserError
+from runtime.ownership import (
+    MARKER,
+    OwnershipError,
+    foreign_entries,
+    read_marker,
+    refuse_dangerous_output,
+    write_marker,
+)
+from runtime.stages import MANIFEST, STAGE_NAMES, RunLayout, read_stage_manifest, stage, write_manifest
+
+NOT_IN_IDENTITY = frozenset({
+    # How fast or how often, not what: never change an output byte.
+    "data.workers",
+    "vqvae_train.num_workers", "vqvae_train.log_every", "vqvae_train.eval_every", "vqvae_train.eval_batches",
+    "vqvae_train.checkpoint_every",
+    "prior_train.num_workers", "prior_train.log_every", "prior_train.eval_every", "prior_train.eval_batches",
+    "prior_train.checkpoint_every",
+    "encode.num_tasks",  # one output per input shard, whichever task writes it
+    # Where the inputs are, not what they are: their content is in the data stage's input fingerprint.
+    "data.isic_images", "data.isic_csv",
+})
+
+
+class LineageError(UserError):
+    """Inputs that do not belong together (or to this config)."""
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings(cfg: Any, name: str) -> dict[str, Any]:
+    """The config values a stage's outputs depend on, as ``{"section.key": value}``."""
+    return {f"{section}.{key}": value for section in stage(name).sections
+            for key, value in getattr(cfg, section).model_dump(mode="json").items()
+            if f"{section}.{key}" not in NOT_IN_IDENTITY}
+
+
+def identity(cfg: Any, name: str, upstream: dict[str, str], inputs: Any = None) -> str:
+    return _digest({"stage": name, "format": stage(name).manifest_format, "settings": settings(cfg, name),
+                    "upstream": upstream, "inputs": inputs})
+
+
+def content_digest(parts: Any) -> str:
+    """Hash of what an output holds (e.g. a list of shard sha256s, or a weights file's sha256)."""
+    return _digest(parts)
+
+
+def token(manifest: dict[str, Any]) -> str:
+    return f"{manifest['identity']}/{manifest['content']}"
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs (for messages)."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def expected_identity(cfg: Any, name: str, manifest: dict[str, Any]) -> str:
+    """The identity this config gives an existing output, from the upstream tokens it was made from."""
+    return identity(cfg, name, manifest.get("upstream", {}), manifest.get("inputs_fingerprint"))
+
+
+def mismatch_reason(cfg: Any, name: str, manifest: dict[str, Any]) -> str:
+    changed = changed_settings(manifest.get("settings", {}), settings(cfg, name))
+    return "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "") if changed else "its inputs differ"
+
+
+@dataclass
+class StageRun:
+    """A stage process's view of its inputs and output, after every check passed."""
+
+    name: str
+    out_dir: Path
+    identity: str
+    upstream: dict[str, str]
+    lineage: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs_fingerprint: Any = None
+
+    def finish(self, content: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest (last): body + identity, content, settings, upstream and lineage."""
+        content_id = content_digest(content)
+        manifest = {"format": stage(self.name).manifest_format, "stage": self.name, **body,
+                    "identity": self.identity, "content": content_id, "settings": self.settings,
+                    "upstream": self.upstream,
+                    "lineage": {**self.lineage, self.name: f"{self.identity}/{content_id}"},
+                    "inputs_fingerprint": self.inputs_fingerprint}
+        write_manifest(self.out_dir, manifest)
+        return manifest
+
+
+def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
+                    folders: dict[str, Path]) -> tuple[dict, dict, dict]:
+    """Upstream manifests, their tokens and the merged lineage; refuses outputs of another config or lineage."""
+    manifests, tokens, lineage, seen_from = {}, {}, {}, {}
+    for up in stage(name).upstream:
+        folder = folders[up] if up in folders or layout is None else layout.stage_dir(up)
+        manifest = read_stage_manifest(folder, up)
+        if manifest.get("identity") != expected_identity(cfg, up, manifest):
+            raise LineageError(
+                f"{folder} was made with other settings than this config ({mismatch_reason(cfg, up, manifest)}); "
+                f"refusing to use it for {name}. Rerun {up} first (python launch/pipeline.py re-makes what "
+                "changed), or use the config it was made with")
+        manifests[up], tokens[up] = manifest, token(manifest)
+        for ancestor, value in {**manifest.get("lineage", {}), up: token(manifest)}.items():
+            if lineage.setdefault(ancestor, value) != value:
+                raise LineageError(
+                    f"{name}: inputs from two lineages: {folder} was made from {ancestor} {value}, but "
+                    f"{seen_from[ancestor]} from {ancestor} {lineage[ancestor]}. Rerun the stages after "
+                    f"{ancestor} (python launch/pipeline.py --from {ancestor})")
+            seen_from.setdefault(ancestor, folder)
+    # An ancestor present in this run dir must be the one the inputs were made from (e.g. code shards
+    # copied in from a run with another VQ-VAE are refused, not decoded with the wrong decoder).
+    for ancestor, value in lineage.items():
+        if ancestor not in STAGE_NAMES or (layout is None and ancestor not in folders):
+            continue
+        on_disk = folders[ancestor] if ancestor in folders or layout is None else layout.stage_dir(ancestor)
+        if not (on_disk / MANIFEST).is_file():
+            continue
+        here = token(read_stage_manifest(on_disk, ancestor))
+        if here != value:
+            raise LineageError(
+                f"{name}: its inputs were made from {ancestor} {value}, but {on_disk} holds {ancestor} {here} "
+                f"(outputs of another run?). Rerun the stages after {ancestor} "
+                f"(python launch/pipeline.py --from {ancestor})")
+    return manifests, tokens, lineage
+
+
+def claim_run_dir(cfg: Any) -> RunLayout:
+    """Make sure the run directory is ours (or new), never the repository, never around the inputs."""
+    layout = RunLayout.of(cfg)
+    root = layout.root
+    refuse_dangerous_output(root, "run_dir", {"images": cfg.data.isic_images, "CSV": cfg.data.isic_csv})
+    if root.exists() and not root.is_dir():
+        raise OwnershipError(f"run_dir {root} exists and is not a folder; choose another run_dir")
+    marker = read_marker(root) if root.is_dir() else None
+    if marker is not None and marker.get("kind") != "run":
+        raise OwnershipError(f"run_dir {root} is a lesion-vq {marker.get('kind')} folder, not a run directory; "
+                             "choose another run_dir")
+    if marker is None:
+        foreign = foreign_entries(root, {"config.json"}) if root.is_dir() else []
+        if foreign:
+            raise OwnershipError(
+                f"run_dir {root} already holds files lesion-vq did not create ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); nothing was changed. Choose a new or empty folder")
+        write_marker(root, "run")
+    return layout
+
+
+def claim_stage_dir(folder: Path, name: str, ident: str) -> None:
+    """Create (or accept) a stage's output folder; refuse foreign content or outputs of another identity."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OwnershipError(f"{folder} exists and is not a folder; the {name} stage cannot write there")
+    marker = read_marker(folder) if folder.is_dir() else None
+    if marker is None:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise OwnershipError(
+                f"{folder} already holds files lesion-vq did not create (no {MARKER}); nothing was changed. "
+                "Move them elsewhere or choose another run_dir / output folder")
+        write_marker(folder, "stage", stage=name, identity=ident)
+        return
+    if marker.get("stage") != name or marker.get("identity") != ident:
+        raise OwnershipError(
+            f"{folder} holds {marker.get('stage')} outputs of another configuration or input "
+            f"(identity {marker.get('identity')}; this run: {ident}); nothing was changed. "
+            "python launch/pipeline.py keeps them under RUN_DIR/.history/ and re-makes the stage; "
+            "or use another run_dir")
+
+
+def begin_stage(cfg: Any, name: str, *, folders: dict[str, Path] | None = None, out_dir: Path | None = None,
+                inputs_fingerprint: Any = None) -> StageRun:
+    """Everything a stage checks before work: run dir ours, inputs of one lineage and of this config,
+    output folder ours and of this identity. ``folders`` overrides where upstream outputs are read;
+    ``out_dir`` writes outside any run directory (``python -m shards pack --out DIR``)."""
+    folders = folders or {}
+    layout = claim_run_dir(cfg) if out_dir is None else None  # an explicit output folder: no run dir
+    manifests, tokens, lineage = _check_upstream(cfg, layout, name, folders)
+    ident = identity(cfg, name, tokens, inputs_fingerprint)
+    out = Path(out_dir) if layout is None else layout.stage_dir(name)
+    claim_stage_dir(out, name, ident)
+    return StageRun(name, out, ident, tokens, lineage, settings(cfg, name), manifests, inputs_fingerprint)
