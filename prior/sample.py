@@ -118,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{count} tasks but sample.num_tasks={cfg.sample.num_tasks}: the task count decides "
                           "which samples each task draws, so it must be the configured one")
     run = begin_stage(cfg, "sample")
+    run.claim()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sample_task(cfg, run, index, count, device)
     if finalize(cfg, run, count):

@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
+from runtime.log import get_logger
 from runtime.ownership import (
     MARKER,
     OwnershipError,
     foreign_entries,
+    move_aside,
     read_marker,
     refuse_dangerous_output,
     write_marker,
 )
 from runtime.stages import MANIFEST, STAGE_NAMES, RunLayout, read_stage_manifest, stage, write_manifest
+
+log = get_logger(__name__)
 
 NOT_IN_IDENTITY = frozenset({
     # How fast or how often, not what: never change an output byte.
@@ -103,6 +107,12 @@ class StageRun:
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     inputs_fingerprint: Any = None
 
+    def claim(self) -> Path:
+        """Create the output folder with our marker (once every check has passed: a refusal changes nothing)."""
+        if read_marker(self.out_dir) is None:
+            write_marker(self.out_dir, "stage", stage=self.name, identity=self.identity)
+        return self.out_dir
+
     def finish(self, content: Any, body: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest (last): body + identity, content, settings, upstream and lineage."""
         content_id = content_digest(content)
@@ -173,18 +183,24 @@ def claim_run_dir(cfg: Any) -> RunLayout:
     return layout
 
 
-def claim_stage_dir(folder: Path, name: str, ident: str) -> None:
-    """Create (or accept) a stage's output folder; refuse foreign content or outputs of another identity."""
+def claim_stage_dir(folder: Path, name: str, ident: str, *, create: bool = True, replace: bool = False) -> None:
+    """Accept (and with ``create``, make) a stage's output folder; refuse foreign content, or outputs of
+    another identity unless ``replace``: then they are kept in ``.history/`` beside it, never deleted."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OwnershipError(f"{folder} exists and is not a folder; the {name} stage cannot write there")
     marker = read_marker(folder) if folder.is_dir() else None
+    if marker is not None and replace and (marker.get("stage"), marker.get("identity")) != (name, ident):
+        kept = move_aside(folder, str(marker.get("identity")))
+        log.warning("%s held outputs of other settings: kept in %s", folder, kept)
+        marker = None
     if marker is None:
         if folder.is_dir() and any(folder.iterdir()):
             raise OwnershipError(
                 f"{folder} already holds files lesion-vq did not create (no {MARKER}); nothing was changed. "
                 "Move them elsewhere or choose another run_dir / output folder")
-        write_marker(folder, "stage", stage=name, identity=ident)
+        if create:
+            write_marker(folder, "stage", stage=name, identity=ident)
         return
     if marker.get("stage") != name or marker.get("identity") != ident:
         raise OwnershipError(
@@ -195,14 +211,16 @@ def claim_stage_dir(folder: Path, name: str, ident: str) -> None:
 
 
 def begin_stage(cfg: Any, name: str, *, folders: dict[str, Path] | None = None, out_dir: Path | None = None,
-                inputs_fingerprint: Any = None) -> StageRun:
+                inputs_fingerprint: Any = None, replace: bool = False) -> StageRun:
     """Everything a stage checks before work: run dir ours, inputs of one lineage and of this config,
     output folder ours and of this identity. ``folders`` overrides where upstream outputs are read;
-    ``out_dir`` writes outside any run directory (``python -m shards pack --out DIR``)."""
+    ``out_dir`` writes outside any run directory (``python -m shards pack --out DIR``); ``replace`` keeps an
+    output of other settings aside instead of refusing. The output folder is created by
+    :meth:`StageRun.claim`, after the stage's own checks."""
     folders = folders or {}
     layout = claim_run_dir(cfg) if out_dir is None else None  # an explicit output folder: no run dir
     manifests, tokens, lineage = _check_upstream(cfg, layout, name, folders)
     ident = identity(cfg, name, tokens, inputs_fingerprint)
     out = Path(out_dir) if layout is None else layout.stage_dir(name)
-    claim_stage_dir(out, name, ident)
+    claim_stage_dir(out, name, ident, create=False, replace=replace)
     return StageRun(name, out, ident, tokens, lineage, settings(cfg, name), manifests, inputs_fingerprint)

@@ -142,6 +142,7 @@ def train(task: TrainTask, plan: TrainPlan) -> int:
     """Run (or resume) training; returns the process exit status (0 done, 75 or 130 stopped by a signal)."""
     # Every rank checks before any process group exists, so a refusal cannot leave a peer waiting.
     plan.data.check(int(os.environ.get("WORLD_SIZE", "1")))
+    plan.run.claim()
     if int(os.environ.get("RANK", "0")) == 0:
         with exclusive_lock(plan.out_dir / ".lock", f"another {task.stage} training is writing to {plan.out_dir}"):
             return _train(task, plan)

@@ -20,15 +20,19 @@ from shards.manifest import read_manifest, verify_shards
 from shards.pack import pack_isic, pack_synthetic
 from shards.preview import preview_grid
 
+REPLACE_HELP = "keep an output of other settings or inputs in --out's .history/ and repack (default: refuse)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="render synthetic lesions and pack them into shards")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
+    synth.add_argument("--replace", action="store_true", help=REPLACE_HELP)
     add_config_args(synth)
     pack = sub.add_parser("pack", help="pack ISIC / HAM10000 images into shards")
     pack.add_argument("--out", type=Path, required=True, help="output folder")
+    pack.add_argument("--replace", action="store_true", help=REPLACE_HELP)
     pack.add_argument("--images", type=Path, help="same as data.isic_images=...")
     pack.add_argument("--csv", type=Path, help="same as data.isic_csv=... (omit for class sub-folders)")
     add_config_args(pack)
@@ -67,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = extra + args.overrides
         cfg = config_from_args(args)
         if args.command == "synth":
-            pack_synthetic(cfg.data, args.out)
+            pack_synthetic(cfg.data, args.out, replace=args.replace)
         elif cfg.data.isic_images is None:
             raise ConfigError("pack needs images: --images DIR (or data.isic_images=DIR); "
                               "use `python -m shards synth` for synthetic data")
         else:
-            pack_isic(cfg.data, args.out)
+            pack_isic(cfg.data, args.out, replace=args.replace)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

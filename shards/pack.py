@@ -165,10 +165,11 @@ def _up_to_date(run: StageRun) -> dict[str, Any] | None:
 
 
 def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[dict[str, str]],
-          source: str, fingerprint: str, root: Path | None) -> dict[str, Any]:
+          source: str, fingerprint: str, root: Path | None, replace: bool) -> dict[str, Any]:
     out_dir = Path(out_dir)
     refuse_dangerous_output(out_dir, "output folder", {"images": cfg.isic_images, "CSV": cfg.isic_csv})
-    run = begin_stage(SimpleNamespace(data=cfg), "data", out_dir=out_dir, inputs_fingerprint=fingerprint)
+    run = begin_stage(SimpleNamespace(data=cfg), "data", out_dir=out_dir, inputs_fingerprint=fingerprint,
+                      replace=replace)
     done = _up_to_date(run)
     if done is not None:
         log.info("%s is up to date (identity %s); nothing to do", out_dir, run.identity)
@@ -177,6 +178,7 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
     if not jobs:
         raise EmptyPackError(f"nothing to pack: no usable image was found ({summarise(ingest_skipped)}); "
                              "no output was written")
+    run.claim()
     if ingest_skipped:
         log.warning("skipped before packing: %s", summarise(ingest_skipped))
 
@@ -216,13 +218,14 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
     return manifest
 
 
-def pack_synthetic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
-    """Render ``cfg.num_images`` balanced synthetic lesions and pack them; returns the top manifest."""
+def pack_synthetic(cfg: DataConfig, out_dir: Path, *, replace: bool = False) -> dict[str, Any]:
+    """Render ``cfg.num_images`` balanced synthetic lesions and pack them; returns the top manifest.
+    ``replace``: an output of other settings in ``out_dir`` is kept in ``.history/`` beside it (else refused)."""
     labels = class_sequence(cfg.num_images, cfg.seed)
     jobs = [Job(synth_id(i), int(label), synth_id(i), None, {}, derive_seed(cfg.seed, i))
             for i, label in enumerate(labels)]
     source = f"synthetic: {cfg.num_images} procedural lesions (shards.synth), seed {cfg.seed}"
-    return _pack(cfg, out_dir, jobs, [], source, input_fingerprint(cfg), None)
+    return _pack(cfg, out_dir, jobs, [], source, input_fingerprint(cfg), None, replace)
 
 
 def input_fingerprint(cfg: DataConfig) -> str:
@@ -238,7 +241,7 @@ def input_fingerprint(cfg: DataConfig) -> str:
         "files": [[str(p.relative_to(images)), sha256_file(p)] for p in files]})
 
 
-def pack_isic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+def pack_isic(cfg: DataConfig, out_dir: Path, *, replace: bool = False) -> dict[str, Any]:
     """Ingest ``cfg.isic_images`` (+ ``cfg.isic_csv``), split by lesion and pack; returns the top manifest.
 
     Raises IngestError for unusable input (layout not recognised, no images)."""
@@ -247,4 +250,4 @@ def pack_isic(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     images = Path(cfg.isic_images)
     found = ingest(images, cfg.isic_csv)
     jobs = [Job(r.image_id, r.label, r.lesion_id, r.path, r.row) for r in found.records]
-    return _pack(cfg, out_dir, jobs, found.skipped, found.description, input_fingerprint(cfg), images)
+    return _pack(cfg, out_dir, jobs, found.skipped, found.description, input_fingerprint(cfg), images, replace)

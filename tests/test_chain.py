@@ -61,12 +61,12 @@ def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
     assert codes["codebook_size"] == chain["cfg"].vqvae.codebook_size
     assert codes["grid"] == [8, 8]  # 32 px / 2**2
     vq = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
-    assert codes["checkpoint_sha256"] == vq["weights_sha256"]
+    assert codes["lineage"]["vqvae"] == f"{vq['identity']}/{vq['content']}"  # made from THESE weights
     split = json.loads((run_dir / "codes" / "train" / "manifest.json").read_text())
     assert [s["name"] for s in split["shards"]] == [s["name"] for s in data["shards"]]
     assert split["num_samples"] == data["num_samples"]
     assert split["class_counts"] == data["class_counts"]
-    assert "already encoded with this checkpoint, skipped" in chain["encode_rerun"]
+    assert "already encoded for this identity, skipped" in chain["encode_rerun"]
 
 
 def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> None:
@@ -102,10 +102,12 @@ def test_samples_cover_every_class_in_a_grid(chain: dict) -> None:
     assert sorted(labels) == sorted(c for c in range(len(CLASSES)) for _ in range(6))
 
 
-def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int) -> None:
+def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int, cfg) -> None:
     """Synthetic code shards whose code distribution depends on the class: class c uses code c at
-    ~70% of positions, other codes uniformly elsewhere (a signal only a conditional prior can use)."""
+    ~70% of positions, other codes uniformly elsewhere (a signal only a conditional prior can use).
+    Their manifest is that of an encode stage of ``cfg`` with no recorded upstream."""
     from runtime.files import atomic_write_json
+    from runtime.lineage import identity
     from shards.manifest import CODE_FORMAT, describe_shard
 
     rng = np.random.default_rng(0)
@@ -127,7 +129,8 @@ def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: in
             "grid": [grid, grid], "shards": [describe_shard(path, count)]})
         splits[split] = {"num_samples": count}
     atomic_write_json(out / "manifest.json", {"format": CODE_FORMAT, "codebook_size": codebook,
-                                               "grid": [grid, grid], "splits": splits})
+                                               "grid": [grid, grid], "splits": splits, "upstream": {},
+                                               "identity": identity(cfg, "encode", {}), "content": "test"})
 
 
 @pytest.mark.parametrize("conditional", [True, False])
@@ -140,10 +143,10 @@ def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: 
     from runtime.checkpoint import load_weights
 
     codes_dir = tmp_path / "codes"
-    _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24)
     cfg = tiny_config(tmp_path / "run", f"prior.conditional={str(conditional).lower()}", "prior.filters=32",
                       "prior_train.max_steps=120", "prior_train.lr=3e-3", "prior_train.eval_every=120",
                       "prior_train.checkpoint_every=120")
+    _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
     _run("prior/train.py", "--config", str(tmp_path / "run" / "config.json"), "--codes", str(codes_dir))
     model = build_prior(cfg.prior, 16, len(CLASSES))
     load_weights(model, tmp_path / "run" / "prior" / "final" / "model.safetensors")

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TERMINAL_STATES, need_slurm, run_quiet, stage_env, tiny_config
 
-from launch.stages import mark_stage_done
 from runtime.checkpoint import list_checkpoints
 from runtime.config import build_config, save_config
 
@@ -79,11 +78,6 @@ def _pipeline(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 def _submitted(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"^submitted (\w+)\s+job (\d+)", stdout, flags=re.M))
-
-
-def _data_done(cfg) -> None:
-    """tiny_run's symlinked shards count as a completed data stage for the pipeline."""
-    mark_stage_done(cfg, "data")
 
 
 def _checkpoints(run_dir: Path, stage: str = "vqvae") -> list[Path]:
@@ -156,10 +150,6 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     run_dir = tmp_path / "run"
     for name in ("data", "vqvae", "codes"):
         shutil.copytree(src / name, run_dir / name)
-    (run_dir / ".pipeline").mkdir()
-    for stage in ("data", "vqvae", "encode"):
-        for record in (src / ".pipeline").glob(f"{stage}.*.json"):  # array stages have no .started record
-            shutil.copy(record, run_dir / ".pipeline")
     base = json.loads((src / "config.json").read_text())
     save_config(build_config(base=base, overrides=[f"run_dir={run_dir}"]), run_dir / "config.json")
     config = str(run_dir / "config.json")
@@ -172,7 +162,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     ids = _submitted(first.stdout)
     assert list(ids) == ["prior", "sample", "report"], first.stdout
     for stage in ("data", "vqvae", "encode"):
-        assert re.search(rf"stage {stage}\s+up to date, not submitted", first.stdout), first.stdout
+        assert re.search(rf"stage {stage}\s+skip: up to date, not submitted", first.stdout), first.stdout
     # The chain, as Slurm records it: sample waits on prior, report on sample.
     show = run_quiet(["scontrol", "show", "job", ids["report"]]).stdout
     assert f"afterok:{ids['sample']}" in show or _state(ids["report"]).startswith("CANCELLED"), show
@@ -265,7 +255,6 @@ def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
 def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
     cfg, config = tiny_run("vqvae_train.max_steps=300")
     run_dir = Path(cfg.run_dir)
-    _data_done(cfg)
     result = _pipeline("--cluster", "--only", "vqvae", "--config", str(config), timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     job = _submitted(result.stdout)["vqvae"]
@@ -282,6 +271,6 @@ def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
         assert re.search(r"stop requested \((SIG)?USR2\)", err), err[-3000:]
         assert _resumed_step(err) > 0
         assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
-        assert (run_dir / ".pipeline" / "vqvae.done.json").is_file()
+        assert json.loads((run_dir / ".pipeline" / "vqvae.timing.json").read_text())["seconds"] > 0
     finally:
         run_quiet(["scancel", job])

@@ -138,11 +138,12 @@ def test_all_checkpoints_damaged_starts_over_and_still_matches(tmp_path, finishe
 
 
 def test_checkpoint_of_another_configuration_is_refused_not_resumed(tmp_path, finished):
-    """The same run dir trained again with a setting that changes the weights: never mixed, exit 2."""
+    """The same run dir trained again with a setting that changes the weights: never mixed, nothing touched,
+    exit 2 (the pipeline would keep the old outputs in .history/ and start afresh)."""
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
     tiny_config(run_dir, *EXTRA, "vqvae_train.lr=0.003")
     result = _train(run_dir)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "step-00000015 belongs to another configuration or input data" in result.stderr
-    assert "use a new run_dir or --resume none" in result.stderr
+    assert "holds vqvae outputs of another configuration" in result.stderr
+    assert "nothing was changed" in result.stderr and "RUN_DIR/.history/" in result.stderr
     assert not (run_dir / "vqvae" / "manifest.json").exists()

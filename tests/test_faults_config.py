@@ -112,7 +112,7 @@ def one_image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data stage with ONE training image and empty val / test splits."""
     from shards.pack import pack_synthetic
 
-    cfg = build_config("smoke", ["data.num_images=1", "data.image_size=32", "data.workers=1"])
+    cfg = tiny_config(tmp_path_factory.mktemp("one-image-config"), "data.num_images=1")
     out = tmp_path_factory.mktemp("one-image")
     top = pack_synthetic(cfg.data, out)
     assert top["splits"]["train"]["num_samples"] == 1 and top["splits"]["val"]["num_samples"] == 0
@@ -128,7 +128,7 @@ def test_more_training_processes_than_samples_fails_before_training(tmp_path, ti
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(run_dir / "config.json")], processes=2,
                                    main_port=_free_port())
     result = _cli(*argv, env=stage_env(**env), timeout=240)
-    _assert_clean_usage_error(result, "vqvae: 2 processes but only 1 training samples", "allowed: 1..1 processes")
+    _assert_clean_usage_error(result, "2 processes but only 1 training samples", "allowed: 1..1 processes")
     assert not (run_dir / "vqvae").exists()
 
 

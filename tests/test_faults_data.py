@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from runtime.config import CLASSES, DataConfig
+from runtime.ownership import OwnershipError
 from shards.images import MAX_PIXELS
 from shards.manifest import read_manifest, verify_shards
 from shards.pack import pack_isic
@@ -160,7 +161,8 @@ def test_corrupt_odd_and_bomb_images_are_skipped_by_name_and_the_rest_packed(bad
 
 
 def test_pack_rerun_after_input_fix_repacks_and_recounts(bad_folder, tmp_path):
-    """Replacing a corrupt file changes the fingerprint: the next pack rebuilds and the file is packed."""
+    """Replacing a corrupt file changes the input fingerprint: packing again refuses to touch the old output
+    unless told to replace it, and then keeps it aside (never deleted) and packs every file."""
     images = tmp_path / "images"
     images.mkdir()
     for name in ("img_000.jpg", "img_004.jpg", "img_005.jpg", "img_010.jpg"):
@@ -172,7 +174,11 @@ def test_pack_rerun_after_input_fix_repacks_and_recounts(bad_folder, tmp_path):
     first = pack_isic(cfg, tmp_path / "out")
     assert [s["id"] for s in first["skipped"]] == ["img_010"]
     _lesion_jpeg(images / "img_010.jpg", 10)  # fixed
-    second = pack_isic(cfg, tmp_path / "out")
+    with pytest.raises(OwnershipError, match="another configuration or input"):
+        pack_isic(cfg, tmp_path / "out")
+    second = pack_isic(cfg, tmp_path / "out", replace=True)
+    kept = list((tmp_path / ".history").glob("out@*"))
+    assert len(kept) == 1 and (kept[0] / "manifest.json").is_file()
     assert second["skipped"] == [] and second["splits"]["train"]["num_samples"] == 4
     assert sorted(_packed_keys(tmp_path / "out")) == ["img_000", "img_004", "img_005", "img_010"]
 

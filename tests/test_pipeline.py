@@ -53,7 +53,7 @@ def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.Comple
     again = pipeline("--config", str(run_dir / "config.json"))
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("data", "vqvae", "encode", "prior", "sample"):
-        assert f"stage {stage}: up to date, skipped" in again.stderr
+        assert f"stage {stage}: skip: up to date" in again.stderr
     assert {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS} == before
 
 
@@ -62,10 +62,12 @@ def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedPro
     weights = (run_dir / "vqvae" / "manifest.json").read_text()
     result = pipeline("--config", str(run_dir / "config.json"), "--only", "sample")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "stage sample: redo" in result.stderr
+    assert "stage sample: run: forced (--from/--only); current outputs kept in" in result.stderr
     assert "stage vqvae" not in result.stderr
     assert (run_dir / "vqvae" / "manifest.json").read_text() == weights
     assert (run_dir / "samples" / "manifest.json").is_file()
+    kept = list((run_dir / ".history").glob("samples@*"))
+    assert kept and (kept[0] / "manifest.json").is_file(), "the forced stage's old outputs must be kept"
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:

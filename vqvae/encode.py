@@ -121,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
     grid = model.code_grid(image_size)
 
     items = work_items(data_dir)
+    run.claim()
     started, total = time.perf_counter(), 0
     for split, name, count_in in items[index::count]:
         output = run.out_dir / split / name
