@@ -274,3 +274,44 @@ def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
         assert json.loads((run_dir / ".pipeline" / "vqvae.timing.json").read_text())["seconds"] > 0
     finally:
         run_quiet(["scancel", job])
+
+
+# ----- one cluster truth: the sbatch path takes resources and the warning signal from the config -------
+def test_emitted_job_script_carries_the_configs_resources_and_signal(tmp_path: Path) -> None:
+    need = ["cluster.train_vqvae.mem_gb=3", "cluster.train_vqvae.time_min=17", "cluster.signal=USR1",
+            "cluster.signal_delay_s=45", "cluster.train_vqvae.nodes=2", "cluster.sample.array_parallelism=3"]
+    tiny_config(tmp_path / "run", *need)
+    config = str(tmp_path / "run" / "config.json")
+    vq = run_quiet([*PIPELINE, "--config", config, "--emit-sbatch", "vqvae"], cwd=REPO, timeout=60)
+    assert vq.returncode == 0, vq.stderr
+    for line in ("#SBATCH --mem=3G", "#SBATCH --time=17", "#SBATCH --signal=USR1@45", "#SBATCH --nodes=2",
+                 "#SBATCH --job-name=lvq-train-vqvae"):
+        assert line in vq.stdout.splitlines(), vq.stdout
+    assert re.search(r'slurm/stage.sh" vqvae --config \S+config.json$', vq.stdout.strip()), vq.stdout
+    sample = run_quiet([*PIPELINE, "--config", config, "--emit-sbatch", "sample"], cwd=REPO, timeout=60).stdout
+    assert "#SBATCH --array=0-1%3" in sample.splitlines() and "#SBATCH --nodes=1" in sample.splitlines()
+
+
+@pytest.mark.timeout(360)
+def test_sbatch_path_with_usr1_checkpoints_requeues_and_resumes(tiny_run) -> None:
+    cfg, config = tiny_run("vqvae_train.max_steps=300", "cluster.signal=USR1", "cluster.signal_delay_s=30")
+    run_dir = Path(cfg.run_dir)
+    out = run_quiet(["slurm/train_vqvae.sh", "--config", str(config)], cwd=REPO, env=stage_env())
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    log = REPO / "logs" / f"lvq-train-vqvae-{job}.out"
+    try:
+        show = run_quiet(["scontrol", "show", "job", job]).stdout
+        assert "TimeLimit=01:00:00" in show, show  # cluster.train_vqvae.time_min, not a hard-coded value
+        _wait(lambda: _state(job) == "RUNNING" and _checkpoints(run_dir), f"job {job} to save a checkpoint", 150, 0.3)
+        assert run_quiet(["scancel", "--signal=USR1", job]).returncode == 0
+        _wait(lambda: log.is_file() and "SLURM_RESTART_COUNT=1" in log.read_text(), f"job {job} requeued", 150)
+        state = _wait_terminal(job, 200)
+        text = log.read_text()
+        assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
+        assert re.search(r"stop requested \((SIG)?USR1\)", text), text[-3000:]
+        assert "checkpoint saved on signal; requeueing" in text and _resumed_step(text) > 0, text[-3000:]
+        assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
+        log.unlink()  # kept for inspection when the test fails
+    finally:
+        run_quiet(["scancel", job])
