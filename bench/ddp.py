@@ -22,6 +22,7 @@ from bench.common import Row, free_port
 from runtime.config import build_config, save_config
 from runtime.files import read_json
 from runtime.launcher import REPO_ROOT, accelerate_command
+from runtime.stages import RunLayout
 from runtime.tracking import read_metrics
 from shards.pack import pack_synthetic
 
@@ -62,7 +63,7 @@ def launch(setup: Setup, data_dir: Path, run_dir: Path, processes: int, threads:
     done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{processes}-process launch failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    manifest = read_json(run_dir / "vqvae" / "manifest.json")
+    manifest = read_json(RunLayout(run_dir).manifest("vqvae"))
     if manifest["world_size"] != processes:
         raise RuntimeError(f"asked for {processes} processes, trained with world size {manifest['world_size']}")
     rows = {r["step"]: r for r in read_metrics(run_dir / "vqvae" / "metrics.jsonl") if "train/images_per_s" in r}

@@ -57,7 +57,9 @@ def ours_images_per_s(inputs: Inputs, setup: Setup, run_dir: Path, dev: torch.de
     """Steady-state images/s of ``runtime.trainer.train`` on the ``seed`` preset (from metrics.jsonl)."""
     last = setup.warmup + setup.steps
     overrides = [
-        f"run_dir={run_dir}", "wandb=disabled", f"data.image_size={setup.size}",
+        # The data settings the shards were packed with (make_inputs): the trainer checks its inputs' lineage.
+        f"run_dir={run_dir}", "wandb=disabled", f"data.image_size={setup.size}", f"data.num_images={setup.images}",
+        f"data.val_fraction={VAL_FRACTION}", "data.test_fraction=0.0",
         f"vqvae_train.batch_size={setup.batch}", f"vqvae_train.max_steps={last}", "vqvae_train.log_every=1",
         f"vqvae_train.eval_every={last}", f"vqvae_train.checkpoint_every={last}", "vqvae_train.eval_batches=1",
         f"vqvae_train.num_workers={setup.workers}",
