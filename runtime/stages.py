@@ -168,12 +168,22 @@ def read_manifest(folder: Path, fmt: str | tuple[str, ...] | None = None) -> dic
     return manifest
 
 
+LINEAGE_FIELDS = {"identity": str, "content": str, "settings": dict, "upstream": dict, "lineage": dict}
+"""What every stage manifest records about where it came from (runtime/lineage.py writes them)."""
+
+
 def read_stage_manifest(folder: Path, name: str) -> dict[str, Any]:
-    """A completed stage's manifest, or one line saying how to make it."""
+    """A completed stage's manifest with its lineage fields, or one line saying how to make it."""
     if not (Path(folder) / MANIFEST).is_file():
         raise ManifestError(f"{Path(folder) / MANIFEST} not found: the {name} stage has not completed for this "
                             f"run. Run it first: {_MAKERS.format(name=name)}")
-    return read_manifest(folder, stage(name).manifest_format)
+    manifest = read_manifest(folder, stage(name).manifest_format)
+    bad = [k for k, kind in LINEAGE_FIELDS.items() if not isinstance(manifest.get(k), kind)]
+    if bad:
+        raise ManifestError(f"{Path(folder) / MANIFEST} lacks {', '.join(bad)}: written by an older lesion-vq "
+                            "or edited by hand, so its lineage cannot be checked. Re-make it: "
+                            f"{_MAKERS.format(name=name)}")
+    return manifest
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> None:

@@ -130,7 +130,8 @@ def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: in
         splits[split] = {"num_samples": count}
     atomic_write_json(out / "manifest.json", {"format": CODE_FORMAT, "codebook_size": codebook,
                                                "grid": [grid, grid], "splits": splits, "upstream": {},
-                                               "identity": identity(cfg, "encode", {}), "content": "test"})
+                                               "identity": identity(cfg, "encode", {}), "content": "test",
+                                               "settings": {}, "lineage": {}})
 
 
 @pytest.mark.parametrize("conditional", [True, False])

@@ -205,6 +205,18 @@ def test_array_tasks_of_two_configs_never_complete_a_stage(trained: Path) -> Non
     assert not (trained / "samples" / "shard-000001.tar").exists()
 
 
+def test_manifest_without_lineage_is_refused_not_trusted(tmp_path: Path, tiny_data: Path) -> None:
+    run_dir = tmp_path / "run"
+    tiny_config(run_dir)
+    shutil.copytree(tiny_data, run_dir / "data")
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    del manifest["identity"]  # as an older lesion-vq wrote it
+    (run_dir / "data" / "manifest.json").write_text(json.dumps(manifest))
+    result = _cli(sys.executable, "vqvae/train.py", "--config", str(run_dir / "config.json"))
+    _refused(result, "lacks identity", "older lesion-vq")
+    assert not (run_dir / "vqvae").exists()
+
+
 # ----- 5./6. processes die with their pipeline; Ctrl-C checkpoints; one trainer per folder ---------------
 def _run_with_training(tmp_path: Path, tiny_data: Path, *extra: str) -> tuple[Path, subprocess.Popen]:
     run_dir = tmp_path / "run"
