@@ -71,7 +71,7 @@ def _history_match(layout: RunLayout, spec: Stage, ident: str) -> tuple[Path, di
 
 
 def _data_fingerprint(cfg: RunConfig) -> str:
-    from shards.pack import input_fingerprint
+    from shards.fingerprint import input_fingerprint
 
     return input_fingerprint(cfg.data)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from runtime.config import add_config_args
-from runtime.errors import UserError
+from runtime.errors import NonFiniteLossError, UserError
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -33,7 +33,6 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     A process started by one of our launchers dies with it (runtime/process.py)."""
     from runtime.process import honour_parent_watch
     from runtime.signals import EXIT_INTERRUPTED
-    from runtime.trainer import NonFiniteLossError
 
     honour_parent_watch()
     args = parser.parse_args()

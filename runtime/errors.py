@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     pass
+
+
+class NonFiniteLossError(UserError):
+    """Training stopped before an update that a NaN/Inf loss would have made (exit 3, not 2)."""

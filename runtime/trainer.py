@@ -41,7 +41,7 @@ from runtime.checkpoint import (
     save_weights,
 )
 from runtime.config import OptimConfig, RunConfig
-from runtime.errors import UserError
+from runtime.errors import NonFiniteLossError
 from runtime.files import sha256_file
 from runtime.lineage import StageRun
 from runtime.log import get_logger
@@ -51,10 +51,6 @@ from runtime.signals import StopRequest
 from runtime.tracking import RunLogger
 
 log = get_logger(__name__)
-
-
-class NonFiniteLossError(UserError):
-    pass
 
 
 class TrainTask(Protocol):

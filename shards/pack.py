@@ -25,13 +25,14 @@ import webdataset as wds
 from tqdm import tqdm
 
 from runtime.config import CLASSES, ConfigError, DataConfig
-from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps, sha256_file
-from runtime.lineage import StageRun, begin_stage, content_digest
+from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps
+from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
-from runtime.ownership import MARKER, OwnershipError, refuse_dangerous_output
+from runtime.ownership import OwnershipError, refuse_dangerous_output
 from runtime.seeding import derive_seed, numpy_rng
 from runtime.stages import MANIFEST, SHARD_PATTERN, SPLITS
 from shards.encode import Encoded, Job, encode_job
+from shards.fingerprint import input_fingerprint
 from shards.ingest import ingest, summarise
 from shards.manifest import FORMAT, ManifestError, describe_shard, now_iso, read_manifest, tool_version, verify_shards
 from shards.split import Item, split_by_lesion
@@ -226,19 +227,6 @@ def pack_synthetic(cfg: DataConfig, out_dir: Path, *, replace: bool = False) -> 
             for i, label in enumerate(labels)]
     source = f"synthetic: {cfg.num_images} procedural lesions (shards.synth), seed {cfg.seed}"
     return _pack(cfg, out_dir, jobs, [], source, input_fingerprint(cfg), None, replace)
-
-
-def input_fingerprint(cfg: DataConfig) -> str:
-    """What the data stage reads besides its settings, by content: never a path or a time, so a moved
-    or copied data set keeps its identity. ISIC: the CSV bytes and every file's name (relative to the
-    image folder) and sha256 (about 1 s per GB)."""
-    if cfg.source == "synthetic":
-        return "synthetic"
-    images = Path(cfg.isic_images or ".")
-    files = sorted(p for p in images.rglob("*") if p.is_file() and p.name != MARKER) if images.is_dir() else []
-    return content_digest({
-        "csv": sha256_file(Path(cfg.isic_csv)) if cfg.isic_csv and Path(cfg.isic_csv).is_file() else None,
-        "files": [[str(p.relative_to(images)), sha256_file(p)] for p in files]})
 
 
 def pack_isic(cfg: DataConfig, out_dir: Path, *, replace: bool = False) -> dict[str, Any]:
