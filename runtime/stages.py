@@ -65,7 +65,11 @@ STAGES: tuple[Stage, ...] = (
           "lesion-vq/prior/v1"),
     Stage("sample", "samples", "prior.sample", "array", ("sample",), ("prior", "vqvae"), "sample",
           "lesion-vq/sample-shards/v1", array_size="sample.num_tasks"),
-    Stage("report", "report", "launch.report", "single", (), ("sample",), "report", "lesion-vq/report/v1",
+    Stage("classifier", "classifier", "judge.train", "training", ("classifier", "classifier_train"), ("data",),
+          "classifier", "lesion-vq/classifier/v1"),
+    Stage("evaluate", "evaluate", "judge.evaluate", "single", ("evaluate",), ("classifier", "vqvae", "sample", "data"),
+          "evaluate", "lesion-vq/evaluation/v1"),
+    Stage("report", "report", "launch.report", "single", (), ("evaluate",), "report", "lesion-vq/report/v1",
           always_rerun=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

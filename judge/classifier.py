@@ -1,0 +1,49 @@
+"""A small lesion classifier whose penultimate features stand in for Inception's: nothing pretrained
+can be downloaded, so the judge is trained on the run's own train split (the classifier stage)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from runtime.config import ClassifierConfig
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8 if cout % 8 == 0 else 1, cout),
+                         nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8 if cout % 8 == 0 else 1, cout),
+                         nn.SiLU())
+
+
+class LesionClassifier(nn.Module):
+    """Four stride-2 conv blocks, global average pooling (the features), one linear layer (the logits)."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 4 * width]
+        self.body = nn.Sequential(*(_block(cin, cout) for cin, cout in zip([3, *widths], widths, strict=False)))
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def features(self, images: Tensor) -> Tensor:
+        """B×3×H×W in [0, 1] -> B×F penultimate features."""
+        return self.body(images * 2 - 1).mean(dim=(2, 3))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def build_classifier(cfg: ClassifierConfig, num_classes: int) -> LesionClassifier:
+    return LesionClassifier(cfg.width, num_classes)
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2) between two feature sets (rows = samples),
+    in float64; the matrix square root through the symmetric C_a^1/2 C_b C_a^1/2 (eigh, no scipy)."""
+    a, b = a.double(), b.double()
+    if min(len(a), len(b)) < 2:
+        raise ValueError("a Fréchet distance needs at least 2 samples on each side")
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
