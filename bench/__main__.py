@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     md, js = write_results(rows, args.out, args.quick)
     print(md.read_text())
     print(f"written: {md} and {js}")
+    if args.quick:  # again below the table, where a long table leaves the reader
+        print("note: quick run: inputs too small for the ratios to mean anything; compare full runs only")
 
 
 if __name__ == "__main__":

@@ -102,12 +102,19 @@ def with_ratios(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
+QUICK_NOTE = ("**Quick run (`--quick`): the ratios below mean nothing.** Inputs are shrunk so that every "
+              "benchmark takes seconds; start-up, warm-up and timer noise dominate at that size. It only checks "
+              "that every benchmark runs; compare speeds with a full run (`python -m bench all`).")
+"""Printed above the table of a quick run, so nobody quotes its ratios."""
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# lesion-vq benchmarks ({'quick' if meta.get('quick') else 'full'})", "",
              f"{meta['host']}: {meta['device']}, CPU {meta['cpu_model']} x {meta['cpu_cores']} cores, "
-             f"torch {meta['torch']}, Python {meta['python']}, {meta['date']}", "",
-             "| bench | measurement | value | unit | baseline | ratio | notes |",
-             "|---|---|---:|---|---|---:|---|"]
+             f"torch {meta['torch']}, Python {meta['python']}, {meta['date']}", ""]
+    if meta.get("quick"):
+        lines += [QUICK_NOTE, ""]
+    lines += ["| bench | measurement | value | unit | baseline | ratio | notes |", "|---|---|---:|---|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['bench']} | {r['name']} | {r['value']:.4g} | {r['unit']} | {r['baseline']} | "
                      f"{r['ratio']:.2f} | {r['note']} |")

@@ -28,8 +28,9 @@ if __package__ in (None, ""):
 from launch.plan import stage_timings
 from runtime.cli import run_cli
 from runtime.config import CLASSES, ConfigError, RunConfig, add_config_args, config_from_args
-from runtime.files import atomic_write_json, atomic_write_text, read_json
+from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text, naming, read_json
 from runtime.lineage import claim_run_dir, claim_stage_dir
+from runtime.log import get_logger
 from runtime.stages import STAGES, RunLayout
 from runtime.tracking import read_metrics
 
@@ -41,6 +42,7 @@ _CURVES = {
               ("val/sample_code_kl", "KL(data || samples) of code histograms, bits")],
 }
 _VERSIONED = ("lesion-vq", "torch", "torchvision", "accelerate", "webdataset", "submitit", "wandb", "numpy")
+log = get_logger("report")
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
@@ -59,7 +61,7 @@ def _png_b64(path: Path) -> str:
 def _figure_png(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    path.write_bytes(buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())  # a full disk leaves no half-written PNG
     return path
 
 
@@ -183,6 +185,11 @@ def write_report(cfg: RunConfig) -> Path:
     claim_run_dir(cfg)
     out = stage_dir(cfg, "report")
     claim_stage_dir(out, "report", "latest")  # always re-made: one identity
+    with naming(out):  # a failed write (disk full) names no file by itself
+        return _write_report(cfg, out)
+
+
+def _write_report(cfg: RunConfig, out: Path) -> Path:
     metrics = collect_metrics(cfg)
     hist_png, code_stats = _codebook_histogram(cfg, out)
     metrics["codebook_train"] = code_stats
@@ -232,9 +239,16 @@ def main(args: argparse.Namespace) -> int:
     if args.overrides and "=" not in args.overrides[0]:  # python -m launch.report RUN_DIR [KEY=VALUE ...]
         if args.config is not None:
             raise ConfigError("give a run directory or --config, not both")
-        args.config = Path(args.overrides.pop(0)) / "config.json"
+        run_dir = Path(args.overrides.pop(0))
+        if not run_dir.is_dir():
+            raise ConfigError(f"run directory {run_dir} does not exist or is not a folder")
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"{run_dir} is not a lesion-vq run directory: it has no config.json (written by "
+                              "python launch/pipeline.py); nothing to report")
+        args.config = run_dir / "config.json"
     cfg = config_from_args(args)
-    print(f"report: {write_report(cfg)}")
+    # Logged, not printed: the pipeline prints the report's path in its own summary, once.
+    log.info("report written: %s", write_report(cfg))
     return 0
 
 

@@ -5,7 +5,7 @@
 ``sample.per_class`` images of every class are split over ``N`` tasks (a Slurm array); task ``I``
 draws the samples with index ``j % N == I`` using its own seed, writes ``samples/shard-I.tar``
 (png, codes.npy, cls, json per sample) and a done-marker. The task that completes the set writes
-``samples.png`` (one row per class) and ``manifest.json``.
+``samples.png`` (one row per class, its name on the left) and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from prior.codes import codes_npy
 from prior.models import build_prior
 from runtime.array_task import completed_set, is_done, mark_done, task_slot
 from runtime.checkpoint import load_weights
@@ -53,12 +54,6 @@ def _png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _npy(codes: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, codes.cpu().numpy().astype(np.int16), allow_pickle=False)
-    return buf.getvalue()
-
-
 def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: torch.device) -> None:
     output = run.out_dir / shard_name(index)
     if is_done(output, run.identity):
@@ -66,6 +61,7 @@ def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: t
         return
     vqvae, prior = load_models(cfg, run, device)
     grid = tuple(run.manifests["prior"]["grid"])
+    codebook_size = int(run.manifests["prior"]["codebook_size"])
     wanted = [j for j in range(cfg.sample.per_class * len(CLASSES)) if j % count == index]
     generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
     started, written = time.perf_counter(), 0
@@ -78,11 +74,13 @@ def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: t
             ids = wanted[lo: lo + cfg.sample.batch_size]
             labels = torch.tensor([j // cfg.sample.per_class for j in ids], device=device)
             codes = prior.sample(len(ids), grid, labels if cfg.prior.conditional else None,
-                                 temperature=cfg.sample.temperature, generator=generator)
+                                 temperature=cfg.sample.temperature, generator=generator, top_k=cfg.sample.top_k,
+                                 top_p=cfg.sample.top_p, guidance_scale=cfg.sample.guidance_scale)
             images = vqvae.decode_codes(codes).float()
             for j, label, image, code in zip(ids, labels.tolist(), images, codes, strict=True):
                 meta = {"class": CLASSES[label], "task": index, "temperature": cfg.sample.temperature}
-                sink.write({"__key__": f"sample_{j:06d}", "png": _png(image), "codes.npy": _npy(code),
+                sink.write({"__key__": f"sample_{j:06d}", "png": _png(image),
+                            "codes.npy": codes_npy(code.cpu().numpy(), codebook_size),
                             "cls": str(label).encode(), "json": json.dumps(meta).encode()})
                 written += 1
     seconds = time.perf_counter() - started
@@ -99,10 +97,10 @@ def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
         return False
     by_index: dict[int, torch.Tensor] = {}
     for sample in wds.WebDataset([str(o) for o in outputs], shardshuffle=False, empty_check=False):
-        array = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        array = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))  # a writable copy for torch
         by_index[int(sample["__key__"].split("_")[1])] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
     images = torch.stack([by_index[j] for j in sorted(by_index)])
-    grid_path = save_grid(images, run.out_dir / "samples.png", nrow=cfg.sample.per_class)
+    grid_path = save_grid(images, run.out_dir / "samples.png", nrow=cfg.sample.per_class, row_labels=CLASSES)
     total_seconds = sum(m["seconds"] for m in markers)
     run.finish([m["sha256"] for m in markers], {
         "classes": list(CLASSES), "per_class": cfg.sample.per_class, "num_samples": len(by_index),

@@ -14,6 +14,7 @@ re-hashes the files, so a checkpoint damaged after the fact is skipped in favour
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -25,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from runtime.errors import UserError
-from runtime.files import DIR_MODE, FILE_MODE, TMP_MARK, atomic_path, fsync_dir, sha256_file
+from runtime.files import DIR_MODE, TMP_MARK, atomic_path, fsync_dir, naming, sha256_file
 from runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -62,8 +64,9 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | 
     writes its metadata map in hash order, so several entries would make identical weights give files
     (and ``weights_sha256``) that differ from process to process."""
     packed = {"lesion_vq": json.dumps(metadata, sort_keys=True)} if metadata else None
+    data = safetensors_bytes(_model_tensors(model), metadata=packed)
     with atomic_path(path) as tmp:
-        save_file(_model_tensors(model), str(tmp), metadata=packed)
+        tmp.write_bytes(data)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -79,6 +82,19 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"weights {path} do not fit this model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]} (was it trained with another config?)"
         )
+
+
+def _write(path: Path, data: bytes, shown: Path) -> None:
+    """Serialised in memory first, then one plain write: a full disk then raises OSError(ENOSPC) naming
+    ``shown``, where torch.save / safetensors would raise ``unexpected pos N vs M`` or a SafetensorError."""
+    with naming(shown):
+        path.write_bytes(data)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -113,15 +129,14 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}", dir=directory))
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp makes it 0o700; the renamed checkpoint must honour the umask
-        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        _write(tmp / "model.safetensors", safetensors_bytes(_model_tensors(model)), final / "model.safetensors")
+        _write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()), final / "optimizer.pt")
+        _write(tmp / "rng.pt", _torch_bytes(_rng_state()), final / "rng.pt")
         meta = asdict(state) | {"rng_python": _python_rng_json(),
                                 "sha256": {name: sha256_file(tmp / name) for name in _FILES}}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        _write(tmp / "state.json", json.dumps(meta, indent=1).encode(), final / "state.json")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
-                os.fchmod(fh.fileno(), FILE_MODE)  # safetensors creates its file 0o600 whatever the umask
                 os.fsync(fh.fileno())
         if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
             _discard(final)

@@ -40,21 +40,34 @@ DIR_MODE = 0o777 & ~_UMASK
 
 
 @contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Attach ``path`` to OS errors raised without one: a failed ``write()`` (disk full) names no file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            # After the writer: mkstemp made the file 0o600, and so may a writer that recreates it.
-            os.fchmod(fh.fileno(), FILE_MODE)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with naming(path):
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                # After the writer: mkstemp made the file 0o600, and so may a writer that recreates it.
+                os.fchmod(fh.fileno(), FILE_MODE)
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -39,8 +39,16 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
                        machine_rank: int = 0, main_address: str = "127.0.0.1", main_port: int = 29500,
                        use_gpu: bool = False, mixed_precision: str = "no",
                        stop_signal: str = "USR2", threads: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv and extra environment for one node of a (possibly multi-node) training launch."""
+    """argv and extra environment for one node of a (possibly multi-node) training launch.
+
+    Multi-node: ``main_address`` may be a Slurm node name (both Slurm paths pass the first node of the
+    job); it is replaced by that node's NodeAddr, see :func:`node_address`.
+    """
     total = processes * num_machines
+    if num_machines > 1:
+        main_address = node_address(main_address)
+        print(f"runtime.launcher: node {machine_rank} of {num_machines} ({os.environ.get('SLURMD_NODENAME', '?')}), "
+              f"rendezvous at {main_address}:{main_port}", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "runtime.launcher", stop_signal, "launch",
            "--num_processes", str(total), "--num_machines", str(num_machines),
            "--machine_rank", str(machine_rank), "--main_process_ip", main_address,
@@ -53,9 +61,31 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
     if total > 1:
         cmd.append("--multi_gpu")  # "multi-process" in accelerate's vocabulary; with USE_CPU it is MULTI_CPU
         if num_machines > 1:
-            cmd += ["--rdzv_backend", "c10d"]
+            # Node rank 0 hosts the rendezvous store, explicitly: torch's guess (does the address name this
+            # machine?) says yes on every node when they share a host or the address is loopback, and says
+            # no everywhere when the address is an alias or a second NIC's. A wrong "yes" on another node
+            # takes the port first and node 0's accelerate then refuses to start.
+            cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", f"is_host={int(machine_rank == 0)}"]
     env = {} if use_gpu else {"ACCELERATE_USE_CPU": "1"}
     return [*cmd, os.path.join(REPO_ROOT, script), *script_args], env
+
+
+def node_address(node: str) -> str:
+    """The address Slurm reaches ``node`` at (its NodeAddr), or ``node`` itself when it is no Slurm node.
+
+    A node name need not resolve: Slurm knows it as NodeName and reaches it at NodeAddr (another name, an
+    IP, a second interface). Several slurmd on one host (the local test cluster) have different names
+    and one host; a site may name nodes after racks. The rendezvous must use what Slurm itself uses.
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "--oneliner", node], capture_output=True, text=True,
+                             check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):  # no Slurm client here: an ordinary host name or address
+        return node
+    for field in out.stdout.split() if out.returncode == 0 else []:
+        if field.startswith("NodeAddr="):
+            return field.removeprefix("NodeAddr=")
+    return node
 
 
 def slurm_node_command(script: str, script_args: list[str], *, processes_per_node: int, mixed_precision: str,
@@ -127,6 +157,7 @@ def main() -> None:
     try:
         accelerate_main()
     except SignalException as err:
+        _ignore_termination()
         # SIGTERM/SIGINT reached torchrun's agent too (scancel, pre-emption, Ctrl-C: every process gets it).
         # It has already passed it on to the workers and waited for them; they checkpoint on it at the next
         # step, so this run is one to resume, not a failure.
@@ -135,12 +166,25 @@ def main() -> None:
               "(the workers checkpoint on the same signal)", file=sys.stderr)
         sys.exit(code)
     except Exception as err:  # a worker failed: exit with ITS status, so 75 ("requeue me") survives
+        _ignore_termination()
         code = worker_exit_status(err)
         if code is None:
             raise
         if code not in STOP_STATUSES:
             print(f"runtime.launcher: training worker(s) exited with status {code}", file=sys.stderr)
         sys.exit(code)
+
+
+def _ignore_termination() -> None:
+    """The workers are gone and the exit status is decided: a SIGTERM/SIGINT from now on must not replace it.
+
+    In a multi-node step, srun (``--kill-on-bad-exit``) TERMs every other node's launcher as soon as the first
+    one exits 75. A launcher already on its way out with 75 itself would die of that TERM (status 143: no
+    requeue), because at exit Python hands signals with Python handlers (torch's) back to SIG_DFL. Ignored
+    signals stay ignored.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_exit_status(err: BaseException) -> int | None:

@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from runtime.files import atomic_write_text
+from runtime.files import atomic_write_text, naming
 from runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -47,7 +47,7 @@ class RunLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as fh:
+        with naming(self.path), open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             import wandb

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -169,6 +170,18 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
             log.info("resumed from %s (step %d)", resume_from, state.step)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
+    saved_world = state.extra.get("world_size")
+    if saved_world is not None and saved_world != world:
+        # Resuming is by global step: with another world size each step takes world x batch samples, so the
+        # data order (and the final weights) differ from an uninterrupted run. Allowed, but never silent.
+        state.extra.setdefault("world_size_changes", []).append({"step": state.step, "from": saved_world,
+                                                                 "to": world})
+        if accelerator.is_main_process:
+            log.warning("%s: resuming at step %d with %d processes, but %s was saved by %d: each step now takes "
+                        "%d x %d samples instead of %d x %d, so the data order differs from an uninterrupted run "
+                        "(recorded as world_size_changes in the manifest)", task.stage, state.step, world,
+                        resume_from, saved_world, world, optim.batch_size, saved_world, optim.batch_size)
+    state.extra["world_size"] = world
     spe = plan.data.steps_per_epoch(world)
     if accelerator.is_main_process:
         log.info("%s: %d processes (%s), %d steps/epoch, training to step %d", task.stage, world,
@@ -246,10 +259,12 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
         digests = _rank_digests(accelerator.unwrap_model(model), accelerator)
         if len(set(digests)) != 1:
             raise RuntimeError(f"{task.stage}: ranks ended with different weights {digests}; DDP is broken")
+        nodes = _rank_nodes(accelerator)  # a collective: every rank takes part
         if accelerator.is_main_process:
             _write_stage_outputs(accelerator.unwrap_model(model), plan, task.stage, state, {
                 "world_size": world, "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-                "rank_state_digests": digests})
+                "rank_state_digests": digests, "nodes": nodes,
+                "world_size_changes": state.extra.get("world_size_changes", [])})
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -287,6 +302,17 @@ def _rank_digests(model: torch.nn.Module, accelerator: Accelerator) -> list[str]
     gathered = [torch.zeros_like(local) for _ in range(accelerator.num_processes)]
     dist.all_gather(gathered, local)
     return [f"{int(t.item()):015x}" for t in gathered]
+
+
+def _rank_nodes(accelerator: Accelerator) -> list[str]:
+    """The node each rank ran on, by rank (Slurm's node name, else the host name), as every rank itself saw
+    it: a multi-node run whose ranks all claim one node (every node took machine rank 0) shows here."""
+    mine = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if accelerator.num_processes == 1:
+        return [mine]
+    gathered: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(gathered, mine)
+    return [str(node) for node in gathered]
 
 
 def _write_stage_outputs(model: torch.nn.Module, plan: TrainPlan, stage: str, state: TrainState,

@@ -4,19 +4,25 @@
     python -m shards pack --out data/isic --images ISIC/images --csv HAM10000_metadata.csv
     python -m shards inspect data/isic
 
-Bad configuration or input exits with code 2 and a one-paragraph message (no traceback).
+Bad configuration or input, and OS errors about files and disks (disk full, read-only, name too long),
+exit with code 2 and a one-paragraph message (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from runtime.config import CLASSES, ConfigError, add_config_args, config_from_args
+from runtime.cli import EXIT_USAGE, os_error_line
+from runtime.config import CLASSES, ConfigError, DataConfig, add_config_args, config_from_args
 from runtime.errors import UserError
+from runtime.files import naming, remove_stale_temps
+from runtime.stages import SPLITS
 from shards.ingest import summarise
-from shards.manifest import read_manifest, verify_shards
+from shards.loader import split_manifest
+from shards.manifest import CODE_FORMAT, read_manifest, verify_shards
 from shards.pack import pack_isic, pack_synthetic
 from shards.preview import preview_grid
 
@@ -37,25 +43,37 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--csv", type=Path, help="same as data.isic_csv=... (omit for class sub-folders)")
     add_config_args(pack)
     inspect = sub.add_parser("inspect", help="counts, skipped items, checksums and a preview grid")
-    inspect.add_argument("dir", type=Path, help="a packed output folder")
+    inspect.add_argument("dir", type=Path, help="a packed output folder, one of its split folders, or code shards")
     inspect.add_argument("--preview", type=Path, help="PNG to write (default DIR/preview.png)")
     return parser
 
 
-def _inspect(out_dir: Path, preview: Path | None) -> int:
-    top = read_manifest(out_dir)
-    print(f"{out_dir}: {top['source']}")
+def _inspect(folder: Path, preview: Path | None) -> int:
+    """Counts, skipped items and checksums of a packed folder, one of its split folders, or code shards
+    (python vqvae/encode.py's RUN_DIR/codes); a preview grid for image shards."""
+    top = read_manifest(folder)
+    codes = top["format"] == CODE_FORMAT
+    # A split folder's manifest lists shards; a top-level one lists splits (each a folder beside it).
+    splits = {top.get("split", folder.name): folder} if "shards" in top else {
+        name: folder / name for name in top.get("splits", {})}
+    kind = f"code shards of a {top.get('codebook_size')}-code codebook, grid {top.get('grid')}" if codes else \
+        top.get("source", "image shards")
+    print(f"{folder}: {kind}")
     print(f"{'split':<6} {'samples':>7}  " + " ".join(f"{c:>6}" for c in CLASSES))
     problems = []
-    for split, info in top["splits"].items():
-        counts = " ".join(f"{info['class_counts'][c]:>6}" for c in CLASSES)
+    for split, split_dir in splits.items():
+        info = split_manifest(split_dir)  # shard names and counts checked before any file is opened
+        counts = " ".join(f"{info.get('class_counts', {}).get(c, 0):>6}" for c in CLASSES)
         print(f"{split:<6} {info['num_samples']:>7}  {counts}")
-        problems += verify_shards(out_dir / split)
-    print(f"skipped ({len(top['skipped'])}): {summarise(top['skipped'])}")
+        problems += verify_shards(split_dir)
+    skipped = top.get("skipped", [])
+    print(f"skipped ({len(skipped)}): {summarise(skipped)}")
     print("checksums: " + ("OK" if not problems else "\n  ".join(["FAILED", *problems])))
-    if top["splits"]["train"]["num_samples"]:
-        path = preview_grid(out_dir / "train", preview or out_dir / "preview.png")
-        print(f"preview: {path}")
+    shown = folder if "shards" in top else splits.get("train")
+    if not codes and shown is not None and split_manifest(shown)["num_samples"]:
+        # Beside a split folder, not in it: packing refuses to replace split folders holding foreign files.
+        default = folder / "preview.png" if shown != folder else folder.parent / f"preview-{folder.name}.png"
+        print(f"preview: {preview_grid(shown, preview or default)}")
     return 1 if problems else 0
 
 
@@ -70,17 +88,33 @@ def main(argv: list[str] | None = None) -> int:
             extra += [f"data.isic_csv={args.csv}"] if args.csv else []
             args.overrides = extra + args.overrides
         cfg = config_from_args(args)
-        if args.command == "synth":
-            pack_synthetic(cfg.data, args.out, replace=args.replace)
-        elif cfg.data.isic_images is None:
+        if args.command == "pack" and cfg.data.isic_images is None:
             raise ConfigError("pack needs images: --images DIR (or data.isic_images=DIR); "
                               "use `python -m shards synth` for synthetic data")
-        else:
-            pack_isic(cfg.data, args.out, replace=args.replace)
+        _pack(pack_synthetic if args.command == "synth" else pack_isic, cfg.data, args.out, args.replace)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception as err:
+        line = os_error_line(err)
+        if line is None:  # not about the user's files or disks: a bug, keep its traceback
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _pack(pack: Callable[..., object], data: DataConfig, out: Path, replace: bool) -> None:
+    """Pack; an OS error that names no file (a write on a full disk) names the output folder, and no
+    temporary file of ours is left behind."""
+    try:
+        with naming(out):
+            pack(data, out, replace=replace)
+    except OSError:
+        for folder in (out, *(out / split for split in SPLITS)):
+            if folder.is_dir():
+                remove_stale_temps(folder)
+        raise
 
 
 if __name__ == "__main__":

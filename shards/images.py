@@ -44,9 +44,9 @@ def key_problem(image_id: str) -> str | None:
     return None
 
 
-def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str]:
-    """Fully decode image bytes to RGB; returns (image, source format such as "JPEG" or "PNG").
-    Raises ImageRejected naming ``where`` and the reason."""
+def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str, str]:
+    """Fully decode image bytes to 8-bit RGB; returns (image, source format such as "JPEG" or "PNG", source
+    pixel format such as "RGB" or "I;16"). Raises ImageRejected naming ``where`` and the reason."""
     if not data:
         raise ImageRejected(f"{where}: zero-byte file")
     try:
@@ -62,8 +62,42 @@ def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str]:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageRejected(f"{where}: cannot decode image ({type(err).__name__}: {err})") from None
-    # CMYK, grayscale, palette and RGBA inputs all become plain RGB (alpha is dropped).
-    return (img if img.mode == "RGB" else img.convert("RGB")), fmt
+    return to_rgb(img, where), fmt, img.mode
+
+
+_ALPHA = frozenset({"P", "PA", "LA", "La", "RGBA", "RGBa"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+SUPPORTED_MODES = ("RGB", "L", "1", "YCbCr", "CMYK", *sorted(_ALPHA), *sorted(_SIXTEEN_BIT))
+
+
+def to_rgb(img: Image.Image, where: str) -> Image.Image:
+    """8-bit RGB by an explicit rule per pixel format; any other format is refused naming it.
+
+    PIL's ``convert("RGB")`` alone is not faithful for every mode: it clips 16-bit values at 255 (a
+    16-bit image becomes almost white) and drops alpha, leaving whatever colour transparent pixels hold.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("L", "1", "YCbCr", "CMYK"):
+        # Grey replicated (bilevel as 0/255); YCbCr by the JPEG equations; CMYK by R = 255 - C - K etc.
+        # (PIL's formula; JPEG's inverted Adobe CMYK is already undone by PIL's decoder).
+        return img.convert("RGB")
+    if mode in _ALPHA:  # palette (with or without transparency), grey or colour plus alpha
+        rgba = img.convert("RGBA")
+        # Composited over black, the dermoscope's surround: transparent pixels keep no hidden colour.
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(img)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 0xFFFF:
+            raise ImageRejected(f"{where}: pixel format {mode!r} holds values {low}..{high}, outside the 16-bit "
+                                "range 0..65535 it is read as; cannot be scaled to 8 bits faithfully")
+        # v * 255 / 65535 rounded (= v / 257): the full 16-bit range onto 0..255, never clipped.
+        scaled = (values.astype(np.uint32) * 255 + 0x7FFF) // 0xFFFF
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    raise ImageRejected(f"{where}: pixel format {mode!r} has no faithful conversion to 8-bit RGB "
+                        f"(supported: {', '.join(SUPPORTED_MODES)})")
 
 
 def to_stored_jpeg(img: Image.Image, size: int, quality: int) -> bytes:
@@ -87,5 +121,6 @@ def read_image_file(path: Path, size: int, quality: int) -> tuple[bytes, dict[st
         data = path.read_bytes()
     except OSError as err:
         raise ImageRejected(f"{path}: unreadable ({err.strerror or err})") from None
-    img, fmt = load_rgb(data, str(path))
-    return to_stored_jpeg(img, size, quality), {"original_size": list(img.size), "original_format": fmt}
+    img, fmt, mode = load_rgb(data, str(path))
+    return to_stored_jpeg(img, size, quality), {"original_size": list(img.size), "original_format": fmt,
+                                                "original_mode": mode}

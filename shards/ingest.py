@@ -81,14 +81,24 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise IngestError(f"cannot read metadata CSV {path}: {err}") from None
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:  # csv.DictReader would silently keep the last one's values
+        raise IngestError(f"{path}: column(s) {repeated} appear more than once in the header {columns} "
+                          "(spaces around names are ignored); cannot tell which to use. Rename or remove the extras")
     return columns, rows
 
 
 def _detect(columns: list[str], path: Path) -> str:
-    if all(c in columns for c in HAM_COLUMNS):
-        return "ham10000"
+    ham = [c for c in HAM_COLUMNS if c in columns]
     known = set(CLASSES) | set(ONEHOT_ALIASES) | set(OUTSIDE_SEVEN)
-    if "image" in columns and len(known & set(columns)) >= 2:
+    onehot = ["image", *(c for c in columns if c in known)] if "image" in columns else []
+    is_ham, is_onehot = len(ham) == len(HAM_COLUMNS), len(onehot) >= 3
+    if is_ham and is_onehot:  # which label would be the truth, dx or the one-hot columns?
+        raise IngestError(f"{path}: the header matches two layouts: HAM10000 (columns {ham}) and ISIC one-hot "
+                          f"(columns {onehot}); cannot tell which labels to use. Keep the columns of one layout")
+    if is_ham:
+        return "ham10000"
+    if is_onehot:
         return "isic-onehot"
     raise IngestError(
         f"cannot tell the layout of {path}: found columns {columns}; expected either HAM10000 "
@@ -106,9 +116,13 @@ def _label_ham(row: dict[str, str]) -> tuple[str | None, str]:
 
 def _label_onehot(row: dict[str, str], class_columns: list[str]) -> tuple[str | None, str]:
     try:
-        hot = [c for c in class_columns if float(row[c] or 0) >= 0.5]
+        values = {c: float(row[c] or 0) for c in class_columns}
     except ValueError:
         return None, f"non-numeric class value in {[row[c] for c in class_columns]}"
+    odd = [f"{c}={row[c]}" for c, v in values.items() if not 0.0 <= v <= 1.0]  # NaN fails both comparisons
+    if odd:
+        return None, f"class values outside 0..1 ({', '.join(odd)}): not a one-hot row"
+    hot = [c for c, v in values.items() if v >= 0.5]
     if len(hot) != 1:
         return None, f"not one-hot: {len(hot)} class columns set ({', '.join(hot) or 'none'})"
     name = ONEHOT_ALIASES.get(hot[0], hot[0])

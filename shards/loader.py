@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,37 +26,114 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from runtime.config import ConfigError, OptimConfig
+from runtime.config import CLASSES, ConfigError, OptimConfig
+from runtime.log import get_logger
 from runtime.seeding import torch_generator
 from shards.manifest import ManifestError, read_manifest, shard_paths, verify_shards
-from shards.stream import SampleDecoder, ShardStream, collate, steps_per_epoch
+from shards.stream import SampleDecoder, SampleRefused, ShardStream, collate, steps_per_epoch
 
-__all__ = ["ImageDecoder", "ShardTrainData", "make_eval_loader", "make_train_loader", "steps_per_epoch"]
+__all__ = ["ImageDecoder", "ShardTrainData", "class_label", "declared", "make_eval_loader", "make_train_loader",
+           "split_manifest", "steps_per_epoch"]
+
+log = get_logger(__name__)
+
+_CLASS_INDEX = re.compile(rb"\s*([+-]?[0-9]{1,18})\s*")
+_SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")
+"""The only shard names stages write: a manifest naming '../x' or '/abs' is refused, never followed."""
+
+
+def class_label(raw: bytes) -> int:
+    """A sample's ``cls`` member as a class index, checked to be one of runtime.config.CLASSES."""
+    match = _CLASS_INDEX.fullmatch(raw)
+    if match is None:
+        raise SampleRefused(f"cls {raw[:24]!r} is not a class index (an integer 0..{len(CLASSES) - 1})")
+    label = int(match.group(1))
+    if not 0 <= label < len(CLASSES):
+        raise SampleRefused(f"class {label} is outside 0..{len(CLASSES) - 1} ({', '.join(CLASSES)})")
+    return label
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def declared(split_dir: Path, manifest: dict[str, Any], key: str, low: int) -> int:
+    """An integer the split's manifest declares (image_size, codebook_size, ...), checked to be >= ``low``."""
+    value = manifest.get(key)
+    if not _is_int(value, low):
+        raise ManifestError(f"{Path(split_dir) / 'manifest.json'}: {key} is {value!r}; expected an integer "
+                            f">= {low} (a hand-edited or foreign manifest?)")
+    return int(value)
+
+
+def split_manifest(split_dir: Path) -> dict[str, Any]:
+    """A split's manifest with the values the reader relies on checked: shard names (no path may escape the
+    split folder), per-shard counts and their sum, and the image size / codebook / grid it declares."""
+    manifest = read_manifest(split_dir)
+    where = Path(split_dir) / "manifest.json"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ManifestError(f"{where}: shards is {type(shards).__name__}, expected a list of shard entries")
+    for shard in shards:
+        if not isinstance(shard.get("name"), str) or not _SHARD_NAME.fullmatch(shard["name"]):
+            raise ManifestError(f"{where}: shard name {shard.get('name')!r} is not of the form shard-NNNNNN.tar")
+        if not _is_int(shard.get("count"), 0):
+            raise ManifestError(f"{where}: {shard['name']} count is {shard.get('count')!r}; expected an integer >= 0")
+    total = declared(split_dir, manifest, "num_samples", 0)
+    if total != sum(s["count"] for s in shards):
+        raise ManifestError(f"{where}: num_samples {total} != {sum(s['count'] for s in shards)}, the sum of its "
+                            "shards' counts")
+    for key, low in (("image_size", 1), ("codebook_size", 2)):
+        if key in manifest:
+            declared(split_dir, manifest, key, low)
+    grid = manifest.get("grid")
+    if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1) for g in grid)):
+        raise ManifestError(f"{where}: grid is {grid!r}; expected [rows, columns], two integers >= 1")
+    return manifest
 
 
 @dataclass(frozen=True)
 class ImageDecoder:
     """jpg/png + cls (+ json, unused) -> {"image", "label", "key"}, with the report's augmentation.
 
+    ``image_size`` 0 takes the split's (:meth:`for_split`). Every sample is checked where it enters: class
+    in 0..len(CLASSES)-1, 8-bit RGB, exactly the split's size (checked from the header, before decoding:
+    nothing is resized, so a foreign image never trains at a size nobody chose).
+
     The random draws come from a generator seeded by (seed, "augment", epoch, key), so a sample
     is augmented identically whichever rank or worker decodes it.
     """
 
-    image_size: int
-    augment: bool
-    seed: int
+    image_size: int = 0
+    augment: bool = False
+    seed: int = 0
     allowed: frozenset[str] = frozenset({"jpg", "jpeg", "png", "cls", "json"})
+
+    def for_split(self, split_dir: Path, manifest: dict[str, Any]) -> ImageDecoder:
+        size = declared(split_dir, manifest, "image_size", 1)
+        if self.image_size not in (0, size):
+            raise ManifestError(f"{split_dir} holds {size} px images (its manifest), but {self.image_size} px "
+                                f"were asked for; repack with data.image_size={self.image_size} "
+                                "(python launch/pipeline.py --only data) or train at the packed size")
+        return replace(self, image_size=size)
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        return {"image": torch.empty(0, 3, self.image_size, self.image_size),
+                "label": torch.empty(0, dtype=torch.long)}
 
     def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
         data = members.get("jpg") or members.get("jpeg") or members.get("png")
         if data is None or "cls" not in members:
             raise ValueError(f"needs an image (jpg/png) and cls member; has {sorted(members)}")
-        label = int(members["cls"].decode("ascii").strip())
+        label = class_label(members["cls"])
         # PIL rather than torchvision.io (deprecated since torchvision 0.29); both use libjpeg-turbo.
-        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-        if image.shape[-2:] != (self.image_size, self.image_size):
-            image = TF.resize(image, [self.image_size, self.image_size], antialias=True)
+        img = Image.open(io.BytesIO(data))
+        if img.size != (self.image_size, self.image_size):
+            raise SampleRefused(f"image is {img.size[0]}x{img.size[1]}, but the split holds "
+                                f"{self.image_size}x{self.image_size} images (its manifest)")
+        if img.mode != "RGB":  # packing stores RGB JPEGs; converting here would guess what the values mean
+            raise SampleRefused(f"pixel format {img.mode!r} is not 8-bit RGB")
+        image = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: a writable copy
         if self.augment:
             image = self._augment(image, torch_generator(self.seed, "augment", epoch, key))
         return {"image": image.float().div_(255.0), "label": label, "key": key}
@@ -83,12 +161,13 @@ def _loader(stream: ShardStream, num_workers: int) -> DataLoader:
                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
 
-def _counts(manifest: dict[str, Any]) -> list[int]:
-    return [shard["count"] for shard in manifest["shards"]]
-
-
-def _empty(image_size: int) -> dict[str, torch.Tensor]:
-    return {"image": torch.empty(0, 3, image_size, image_size), "label": torch.empty(0, dtype=torch.long)}
+def _stream(split_dir: Path, decode: SampleDecoder, batch_size: int,
+            collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None, **options: Any) -> ShardStream:
+    """A stream over the split's shards, its decoder bound to what the split's (checked) manifest declares."""
+    manifest = split_manifest(split_dir)
+    decode = decode.for_split(Path(split_dir), manifest)
+    return ShardStream(shard_paths(split_dir), [s["count"] for s in manifest["shards"]], manifest["num_samples"],
+                       batch_size, decode, collate_fn or partial(collate, empty=decode.empty()), **options)
 
 
 def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
@@ -99,16 +178,13 @@ def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size
     """This rank's batches for one epoch, starting at ``start_step`` (to resume mid-epoch).
 
     Yields exactly ``steps_per_epoch(num_samples, batch_size, world_size) - start_step`` batches
-    on every rank. ``decode``/``collate_fn`` replace the image decoding for other sample kinds
-    (e.g. code shards); the distribution is the same.
+    on every rank. ``image_size`` (default: the split's) must be the size the split was packed at.
+    ``decode``/``collate_fn`` replace the image decoding for other sample kinds (e.g. code shards);
+    the distribution is the same.
     """
-    manifest = read_manifest(split_dir)
-    size = image_size or manifest.get("image_size", 0)
-    decode = decode or ImageDecoder(size, augment, seed)
-    stream = ShardStream(shard_paths(split_dir), _counts(manifest), manifest["num_samples"], batch_size, decode,
-                         collate_fn or partial(collate, empty=_empty(size)), rank=rank, world_size=world_size,
-                         epoch=epoch, seed=seed, start_step=start_step, shuffle=True,
-                         shuffle_buffer=shuffle_buffer)
+    stream = _stream(split_dir, decode or ImageDecoder(image_size or 0, augment, seed), batch_size, collate_fn,
+                     rank=rank, world_size=world_size, epoch=epoch, seed=seed, start_step=start_step,
+                     shuffle=True, shuffle_buffer=shuffle_buffer)
     return _loader(stream, num_workers)
 
 
@@ -117,12 +193,8 @@ def make_eval_loader(split_dir: Path, *, batch_size: int, rank: int = 0, world_s
                      decode: SampleDecoder | None = None,
                      collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> DataLoader:
     """Shards in manifest order, no shuffling or augmentation; ranks get disjoint samples."""
-    manifest = read_manifest(split_dir)
-    size = image_size or manifest.get("image_size", 0)
-    decode = decode or ImageDecoder(size, augment=False, seed=0)
-    stream = ShardStream(shard_paths(split_dir), _counts(manifest), manifest["num_samples"], batch_size, decode,
-                         collate_fn or partial(collate, empty=_empty(size)), rank=rank, world_size=world_size,
-                         shuffle=False, max_batches=max_batches)
+    stream = _stream(split_dir, decode or ImageDecoder(image_size or 0), batch_size, collate_fn, rank=rank,
+                     world_size=world_size, shuffle=False, max_batches=max_batches)
     return _loader(stream, num_workers)
 
 
@@ -157,6 +229,7 @@ class ShardTrainData:
         if (read_manifest(val)["num_samples"] if (val / "manifest.json").is_file() else 0) < 1:
             raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
                               "with enough images that the val split gets at least one (e.g. data.num_images)")
+        facts = self._declared_facts()
         problems = verify_shards(self.train_split) + verify_shards(val)
         if problems:
             raise ManifestError(
@@ -168,3 +241,25 @@ class ShardTrainData:
             raise ConfigError(
                 f"{world_size} processes but only {self.num_samples} training samples in {self.train_split}; "
                 f"every process needs at least one (allowed: 1..{self.num_samples} processes, or more data)")
+        log.info("training data %s: %d samples, %s (as its manifests declare; other samples are refused)",
+                 self.train_split.parent, self.num_samples, ", ".join(f"{k} {v}" for k, v in facts.items()))
+
+    def _declared_facts(self) -> dict[str, Any]:
+        """What both splits declare (image size, codebook size, code grid): checked, and equal to what the
+        folder's top-level manifest (the one the stage's lineage check approved) says."""
+        top = self.train_split.parent
+        expected = read_manifest(top) if (top / "manifest.json").is_file() else {}
+        facts: dict[str, Any] = {}
+        for split in (self.train_split, self.val_split):
+            manifest = split_manifest(split)
+            for key in ("image_size", "codebook_size", "grid"):
+                if key not in manifest:
+                    continue
+                source = top if key in expected else self.train_split
+                want = expected.get(key, facts.get(key, manifest[key]))
+                if manifest[key] != want:
+                    raise ManifestError(f"{split / 'manifest.json'} declares {key} {manifest[key]}, but "
+                                        f"{source / 'manifest.json'} says {want}; refusing to train on a split "
+                                        "made with other settings (re-make the folder with python launch/pipeline.py)")
+                facts[key] = manifest[key]
+        return facts

@@ -10,6 +10,7 @@ holds the inputs, foreign files or another identity's shards is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -25,7 +26,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from runtime.config import CLASSES, ConfigError, DataConfig
-from runtime.files import TMP_MARK, atomic_write_json, remove_stale_temps
+from runtime.files import TMP_MARK, atomic_write_json, naming, remove_stale_temps
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.ownership import OwnershipError, refuse_dangerous_output
@@ -77,11 +78,23 @@ class _Sink:
         self.shards.append(describe_shard(Path(fname), count))
 
     def write(self, sample: dict[str, bytes | str]) -> None:
-        self.writer.write(sample)
+        with naming(Path(self.writer.fname)):  # a failed write (disk full) names no file by itself
+            self.writer.write(sample)
 
     def close(self) -> list[dict[str, Any]]:
         self.writer.close()
         return self.shards
+
+    def abort(self) -> None:
+        """After a failed write: close the tar stream and delete the half-written shard (ours, by name)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.writer.tarstream.close()  # marks it closed even when its last write fails
+        for handle in self.handles.values():
+            with contextlib.suppress(OSError):
+                handle.close()
+            os.unlink(handle.name)
+        self.handles.clear()
+        self.writer.tarstream = None
 
 
 def _encoded(jobs: list[Job], cfg: DataConfig, root: Path | None) -> Iterator[Encoded]:
@@ -114,15 +127,20 @@ def _write_split(out_dir: Path, split: str, encoded: Iterable[Encoded], cfg: Dat
     sink = _Sink(split_dir, cfg)
     counts: Counter[str] = Counter()
     skipped = []
-    for result in encoded:
-        if result.sample is None:
-            skipped.append({"id": result.job.image_id, "path": str(result.job.source), "kind": "unreadable",
-                            "reason": str(result.reason)})
-            log.warning("skipped %s: %s", result.job.image_id, result.reason)
-            continue
-        sink.write(result.sample)
-        counts[CLASSES[result.job.label]] += 1
-    manifest = {**common, "split": split, "shards": sink.close(), "num_samples": sum(counts.values()),
+    try:
+        for result in encoded:
+            if result.sample is None:
+                skipped.append({"id": result.job.image_id, "path": str(result.job.source), "kind": "unreadable",
+                                "reason": str(result.reason)})
+                log.warning("skipped %s: %s", result.job.image_id, result.reason)
+                continue
+            sink.write(result.sample)
+            counts[CLASSES[result.job.label]] += 1
+        shards = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    manifest = {**common, "split": split, "shards": shards, "num_samples": sum(counts.values()),
                 "class_counts": {c: counts[c] for c in CLASSES}, "skipped": skipped, "created": now_iso()}
     atomic_write_json(split_dir / MANIFEST, manifest)
     return manifest

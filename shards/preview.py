@@ -10,7 +10,9 @@ from webdataset.tariterators import tarfile_samples
 
 from runtime.config import CLASSES
 from runtime.files import atomic_path
+from shards.loader import class_label
 from shards.manifest import shard_paths
+from shards.stream import SampleRefused
 
 _LABEL_WIDTH = 56
 
@@ -19,9 +21,12 @@ def preview_grid(split_dir: Path, out_png: Path, per_class: int = 8, cell: int =
     """Write the first ``per_class`` images of every class in ``split_dir`` as a labelled grid."""
     rows: dict[int, list[Image.Image]] = {i: [] for i in range(len(CLASSES))}
     samples = tarfile_samples({"url": str(p)} for p in shard_paths(split_dir))
-    for sample in samples:
-        label = int(sample["cls"].decode("ascii"))  # only jpg/cls are read: nothing is unpickled
-        if len(rows[label]) < per_class:
+    for sample in samples:  # only jpg/cls are read: nothing is unpickled
+        try:
+            label = class_label(sample.get("cls", b""))
+        except SampleRefused:
+            continue  # a bad class is counted by the loader; a preview just leaves it out
+        if "jpg" in sample and len(rows[label]) < per_class:
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
             rows[label].append(img.resize((cell, cell), Image.BILINEAR))
         if all(len(r) >= per_class for r in rows.values()):

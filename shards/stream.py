@@ -33,12 +33,24 @@ from shards.images import key_problem
 log = get_logger(__name__)
 
 
+class SampleRefused(ValueError):
+    """A sample that decodes but holds a value outside what its split declares (class, codes, size, format)."""
+
+
 class SampleDecoder(Protocol):
     """Turns one raw sample (member extension -> bytes) into a dict of tensors / ints / strings."""
 
     allowed: frozenset[str]  # member extensions it may read; samples with any other are refused
 
-    def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]: ...
+    def for_split(self, split_dir: Path, manifest: dict[str, Any]) -> SampleDecoder:
+        """This decoder checking every sample against what the split's manifest declares (image size,
+        codebook size, code grid); raises a UserError when the manifest contradicts the decoder."""
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """The tensor fields of a batch with no sample (every sample of a step refused or lost)."""
+
+    def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
+        """The decoded sample; raises SampleRefused (or any error) for a sample to drop and count."""
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world: int) -> int:
@@ -168,6 +180,8 @@ class ShardStream(IterableDataset):
             return f"refused member extension(s) {refused} (never unpickled; allowed: {sorted(self.decode.allowed)})"
         try:
             return self.decode(key, members, self.epoch)
+        except SampleRefused as err:
+            return f"refused: {err}"
         except Exception as err:  # any undecodable sample is dropped and reported, never fatal
             return f"cannot decode ({type(err).__name__}: {err})"
 

@@ -27,6 +27,10 @@ TINY = [
     "prior_train.eval_every=10", "prior_train.eval_batches=2", "prior_train.log_every=5",
     "prior_train.num_workers=0", "prior_train.warmup_steps=0",
     "sample.per_class=1", "sample.num_tasks=2", "encode.num_tasks=2",
+    "classifier.width=8", "classifier_train.batch_size=8", "classifier_train.max_steps=10",
+    "classifier_train.checkpoint_every=5", "classifier_train.eval_every=10", "classifier_train.eval_batches=2",
+    "classifier_train.log_every=5", "classifier_train.num_workers=0", "classifier_train.warmup_steps=0",
+    "evaluate.max_images=32", "evaluate.batch_size=16",
 ]
 """Overrides (on the smoke preset) for runs whose stages each take seconds."""
 
@@ -82,6 +86,28 @@ def need_slurm() -> None:
     if problem is None:
         return
     msg = f"local Slurm cluster not usable: {problem} (start it: slurm/local-cluster.sh up)"
+    if REQUIRE_SLURM:
+        pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
+    pytest.skip(msg)
+
+
+def usable_slurm_nodes() -> list[str]:
+    """Names of the nodes that can run jobs now (each once, though sinfo lists a node per partition)."""
+    out = run_quiet(["sinfo", "-h", "-N", "-o", "%N %T"])
+    rows = [line.split() for line in out.stdout.splitlines() if len(line.split()) == 2]
+    return sorted({name for name, state in rows if state in USABLE_NODE_STATES})
+
+
+def need_slurm_nodes(count: int) -> list[str]:
+    """need_slurm(), plus at least ``count`` usable nodes (``slurm/local-cluster.sh up --nodes 2``); returns
+    their names. Skips with the reason, or fails under LESION_VQ_REQUIRE_SLURM=1: a 1-node cluster in CI
+    must not pass the multi-node tests by skipping them."""
+    need_slurm()
+    nodes = usable_slurm_nodes()
+    if len(nodes) >= count:
+        return nodes
+    msg = (f"needs {count} usable Slurm nodes, found {len(nodes)} ({', '.join(nodes) or 'none'}); "
+           f"start them: slurm/local-cluster.sh up --nodes {count}")
     if REQUIRE_SLURM:
         pytest.fail(f"{msg} [LESION_VQ_REQUIRE_SLURM=1]", pytrace=False)
     pytest.skip(msg)

@@ -77,7 +77,7 @@ def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> No
                                   shardshuffle=False, empty_check=False))
     assert {s["__key__"] for s in samples} == image_keys
     grid = np.load(io.BytesIO(samples[0]["codes.npy"]), allow_pickle=False)
-    assert grid.shape == (8, 8) and grid.dtype == np.int16
+    assert grid.shape == (8, 8) and grid.dtype == np.uint8
     assert set(samples[0]) == {"__key__", "__url__", "__local_path__", "codes.npy", "cls", "json"} - (
         {"__local_path__"} - set(samples[0]))
 

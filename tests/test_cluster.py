@@ -122,7 +122,8 @@ def test_cluster_chain_matches_local_run(cluster_run, tmp_path: Path) -> None:
     run_dir, result, seconds = cluster_run
     assert result.returncode == 0, f"cluster run failed ({seconds:.0f}s):\n{result.stdout}\n{result.stderr[-3000:]}"
     ids = _submitted(result.stdout)
-    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "report"], result.stdout
+    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "classifier", "evaluate", "report"], \
+        result.stdout
     assert "array of 2" in result.stdout
     for stage, job in ids.items():
         rows = _sacct(job)

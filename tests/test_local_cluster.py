@@ -1,4 +1,4 @@
-"""Smoke tests against the real single-node Slurm started by ``slurm/local-cluster.sh up``.
+"""Smoke tests against the real Slurm started by ``slurm/local-cluster.sh up [--nodes N]`` (1 node or more).
 
 Skipped (with the reason) when ``sinfo`` is not on PATH or the cluster is not usable, unless
 ``LESION_VQ_REQUIRE_SLURM=1`` is set, in which case those situations FAIL the tests instead.
@@ -6,12 +6,14 @@ Skipped (with the reason) when ``sinfo`` is not on PATH or the cluster is not us
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from helpers import TERMINAL_STATES, need_slurm, run_quiet
+from helpers import REPO, TERMINAL_STATES, need_slurm, run_quiet, usable_slurm_nodes
 
 pytestmark = pytest.mark.slurm
 
@@ -93,3 +95,17 @@ def test_submitit_roundtrip(tmp_path: Path) -> None:
     with pytest.raises(submitit.core.utils.FailedJobError, match="expected failure"):
         bad_job.result()
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(90)
+def test_status_lists_every_node_and_its_own_slurmd() -> None:
+    need_slurm()
+    if os.geteuid() != 0:  # status recognises its daemons by their /proc environment: root's to read
+        pytest.skip("slurm/local-cluster.sh status needs root")
+    out = run_quiet([str(REPO / "slurm" / "local-cluster.sh"), "status"], timeout=60)
+    assert out.returncode == 0 and "status: UP" in out.stdout, out.stdout + out.stderr
+    nodes = usable_slurm_nodes()
+    listed = re.search(r"^nodes: (.*)$", out.stdout, flags=re.M)
+    assert listed and sorted(listed.group(1).split()) == nodes, out.stdout
+    pids = [re.search(rf"slurmd\.{re.escape(n)}\s+running \(pid (\d+)\)", out.stdout) for n in nodes]
+    assert all(pids) and len({m.group(1) for m in pids if m}) == len(nodes), out.stdout  # one slurmd per node

@@ -4,24 +4,24 @@
     accelerate launch --num_processes N vqvae/encode.py --config RUN_DIR/config.json
 
 Every input shard ``data/SPLIT/shard-K.tar`` becomes ``codes/SPLIT/shard-K.tar`` with, per image,
-the same ``__key__``, ``codes.npy`` (int16 grid, read back with ``allow_pickle=False``), ``cls`` and
-``json``. Task I of N takes every N-th input shard; outputs that are already complete for the same
-stage identity (this config + these VQ-VAE weights + these image shards) are skipped. The task that
-completes the set writes ``codes/manifest.json``.
+the same ``__key__``, ``codes.npy`` (the smallest integer dtype holding the codebook: uint8 up to 256
+codes; read back with ``allow_pickle=False``), ``cls`` and ``json``. Task I of N takes every N-th input
+shard; outputs that are already complete for the same stage identity (this config + these VQ-VAE weights
++ these image shards) are skipped. The task that completes the set writes ``codes/manifest.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 
+from prior.codes import codes_npy
 from runtime.array_task import completed_set, is_done, mark_done, task_slot
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
@@ -30,18 +30,12 @@ from runtime.files import atomic_path
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.stages import MANIFEST, SPLITS, RunLayout, write_manifest
-from shards.loader import ImageDecoder
+from shards.loader import ImageDecoder, declared, split_manifest
 from shards.manifest import CODE_FORMAT, ManifestError, read_manifest
-from shards.stream import ShardStream, collate
+from shards.stream import SampleRefused, ShardStream, collate
 from vqvae.models import build_vqvae
 
 log = get_logger("encode")
-
-
-def _npy(codes: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, codes.astype(np.int16), allow_pickle=False)
-    return buf.getvalue()
 
 
 def work_items(data_dir: Path) -> list[tuple[str, str, int]]:
@@ -52,36 +46,49 @@ def work_items(data_dir: Path) -> list[tuple[str, str, int]]:
 
 
 class _WithMetadata(ImageDecoder):
-    """The validation-time image decoding (no augmentation), keeping the sample's metadata JSON."""
+    """The validation-time image decoding (no augmentation), keeping the sample's metadata JSON (copied into
+    the code shard, so it must be a JSON object like packing writes)."""
 
     def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
-        return super().__call__(key, members, epoch) | {"json": members.get("json", b"{}")}
+        meta = members.get("json", b"{}")
+        try:
+            parsed = json.loads(meta)
+        except ValueError as err:
+            raise SampleRefused(f"json member is not valid JSON ({err})") from None
+        if not isinstance(parsed, dict):
+            raise SampleRefused(f"json member is a {type(parsed).__name__}, not an object")
+        return super().__call__(key, members, epoch) | {"json": meta}
 
 
 def encode_shard(model: torch.nn.Module, source: Path, count: int, output: Path, image_size: int,
-                 batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
+                 codebook_size: int, batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
     """Encode one shard (batched, no augmentation); returns (samples, per-class counts)."""
     class_counts = dict.fromkeys(CLASSES, 0)
-    written = 0
+    written, dropped = 0, []
+    # Bound to the split's manifest: a split packed at another size than the data stage says is refused.
+    decode = _WithMetadata(image_size).for_split(source.parent, split_manifest(source.parent))
     stream = ShardStream(shards=[source], shard_counts=[count], num_samples=count, batch_size=batch_size,
-                         decode=_WithMetadata(image_size, augment=False, seed=0), collate=collate, shuffle=False)
+                         decode=decode, collate=collate, shuffle=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
     # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
     with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
             torch.inference_mode(), autocast:
         for batch in stream:
+            dropped += batch["dropped"]
             if not batch["key"]:
                 continue
             codes = model.encode(batch["image"].to(device)).cpu().numpy()
             for key, label, meta, grid in zip(batch["key"], batch["label"].tolist(), batch["json"], codes,
                                               strict=True):
-                sink.write({"__key__": key, "codes.npy": _npy(grid), "cls": str(label).encode(), "json": meta})
+                sink.write({"__key__": key, "codes.npy": codes_npy(grid, codebook_size), "cls": str(label).encode(),
+                            "json": meta})
                 class_counts[CLASSES[label]] += 1
                 written += 1
     if stream.stats:
-        raise ManifestError(f"{source}: {dict(stream.stats)} damaged sample(s); check it with "
-                         "`python -m shards inspect` and repack rather than encode an incomplete split")
+        raise ManifestError(f"{source}: {dict(stream.stats)} bad or damaged sample(s) ({'; '.join(dropped[:3])}"
+                            f"{' ...' if len(dropped) > 3 else ''}); check it with `python -m shards inspect` and "
+                            "repack rather than encode an incomplete split")
     return written, class_counts
 
 
@@ -117,7 +124,11 @@ def main(args: argparse.Namespace) -> int:
     model = build_vqvae(cfg.vqvae)
     load_weights(model, layout.stage_dir("vqvae") / run.manifests["vqvae"]["weights"])
     model.to(device).eval()
-    image_size = int(run.manifests["data"]["image_size"])
+    image_size = declared(data_dir, run.manifests["data"], "image_size", 1)
+    if image_size != cfg.data.image_size:  # the lineage check compares settings, not this manifest value
+        raise ManifestError(f"{data_dir / MANIFEST} says its images are {image_size} px, but this config has "
+                            f"data.image_size={cfg.data.image_size}; re-make the data stage "
+                            "(python launch/pipeline.py --from data)")
     grid = model.code_grid(image_size)
 
     items = work_items(data_dir)
@@ -129,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
         n, class_counts = encode_shard(model, data_dir / split / name, count_in, output, image_size,
-                                       cfg.encode.batch_size, device)
+                                       cfg.vqvae.codebook_size, cfg.encode.batch_size, device)
         mark_done(output, run.identity, count=n, class_counts=class_counts)
         total += n
     seconds = time.perf_counter() - started
