@@ -137,7 +137,23 @@ def collect_metrics(cfg: RunConfig) -> dict[str, Any]:
     sample = _manifest(cfg, "sample")
     if sample is not None:
         metrics["sample"] = {"num_samples": sample["num_samples"], "samples_per_s": sample["samples_per_s"]}
+    evaluation = _manifest(cfg, "evaluate")
+    if evaluation is not None:
+        metrics["evaluate"] = evaluation["metrics"]
     return metrics
+
+
+def _evaluation_section(metrics: dict[str, Any]) -> str:
+    """The judge's numbers (judge/evaluate.py), or a note that the stage has not run."""
+    found = metrics.get("evaluate")
+    if not found:
+        return "<p>not available yet (the evaluate stage has not completed)</p>"
+    rows = [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in found.items()
+            if not isinstance(v, dict)]
+    per_class = found.get("sample_class_agreement_per_class", {})
+    return (_table(["metric", "value"], rows)
+            + "<p>samples classified as the class they were drawn for:</p>"
+            + _table(list(per_class), [[f"{v:.2f}" for v in per_class.values()]]))
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -220,6 +236,7 @@ completed stages: {html.escape(', '.join(done) or 'none')}</p>
 <h2>Prior</h2>{_img(_curves(cfg, 'prior', out), 'prior training curves')}
 <h2>Samples</h2>{_img(sample_png, 'class-conditional samples, one row per class: ' + ', '.join(CLASSES),
                       width=400)}
+<h2>Evaluation</h2>{_evaluation_section(metrics)}
 <h2>Final validation metrics</h2>{_table(['stage', 'metric', 'value'], final_rows)}
 <h2>Timings</h2>{_table(['stage', 'wall seconds'], [[k, f'{v:.1f}'] for k, v in metrics['timings_s'].items()])}
 <h2>Versions</h2>{_table(['package', 'version'], versions)}

@@ -42,7 +42,7 @@ def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, s
     page = report.read_text()
     # Self-contained: curves of both stages, reconstructions, codebook histogram and samples embedded.
     assert page.count('src="data:image/png;base64,') == 5
-    for section in ("Data", "VQ-VAE", "Prior", "Samples", "Timings", "Versions", "Configuration"):
+    for section in ("Data", "VQ-VAE", "Prior", "Samples", "Evaluation", "Timings", "Versions", "Configuration"):
         assert f"<h2>{section}</h2>" in page
     assert "not available yet" not in page
 
