@@ -64,8 +64,11 @@ def selected_stages(args: argparse.Namespace) -> tuple[list[str], set[str]]:
 
 def stage_command(cfg: RunConfig, spec: Stage, config_path: Path, *, processes: int = 1,
                   use_gpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv + extra env for one task of a stage run on this machine (array tasks add their slot)."""
+    """argv + extra env for a stage run on this machine (an array stage runs all its tasks in one process:
+    one start-up, the same outputs as one process per task)."""
     args = ["--config", str(config_path)]
+    if spec.kind == "array":
+        args += ["--num-shards", str(spec.tasks(cfg)), "--all-tasks"]
     if spec.kind != "training":
         return [sys.executable, "-m", spec.module, *args], {}
     if use_gpu is None:
@@ -141,12 +144,8 @@ def run_local(cfg: RunConfig, steps: list[Step], processes: int) -> None:
         record_start(layout, name)
         started = time.perf_counter()
         training = step.stage.kind == "training"
-        tasks = 1 if training else step.stage.tasks(cfg)
-        for index in range(tasks):
-            argv, env = stage_command(cfg, step.stage, layout.config, processes=processes if training else 1)
-            if step.stage.kind == "array":
-                argv += ["--shard-index", str(index), "--num-shards", str(tasks)]
-            supervisor.run(name, argv, env)
+        argv, env = stage_command(cfg, step.stage, layout.config, processes=processes if training else 1)
+        supervisor.run(name, argv, env)
         record_done(layout, name)
         log.info("stage %s: done in %.1f s", name, time.perf_counter() - started)
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from prior.codes import codes_npy
 from prior.models import build_prior
-from runtime.array_task import completed_set, is_done, mark_done, task_slot
+from runtime.array_task import completed_set, is_done, mark_done, task_slots
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, ConfigError, RunConfig, config_from_args
@@ -111,14 +111,15 @@ def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    index, count = task_slot(args)
+    indices, count = task_slots(args)
     if count != cfg.sample.num_tasks:
         raise ConfigError(f"{count} tasks but sample.num_tasks={cfg.sample.num_tasks}: the task count decides "
                           "which samples each task draws, so it must be the configured one")
     run = begin_stage(cfg, "sample")
     run.claim()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sample_task(cfg, run, index, count, device)
+    for index in indices:
+        sample_task(cfg, run, index, count, device)
     if finalize(cfg, run, count):
         log.info("all %d tasks done: %s (%s)", count, run.out_dir / "samples.png", run.out_dir / MANIFEST)
     return 0

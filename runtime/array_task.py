@@ -22,9 +22,25 @@ from runtime.lineage import LineageError
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-index", type=int, help="this task's index (default: $SLURM_ARRAY_TASK_ID or RANK)")
     parser.add_argument("--num-shards", type=int, help="number of tasks (default: array size or WORLD_SIZE)")
+    parser.add_argument("--all-tasks", action="store_true",
+                        help="run every task of the array in this one process (what the local pipeline does: "
+                             "one start-up instead of one per task; the outputs are the same)")
 
 
-def task_slot(args: argparse.Namespace) -> tuple[int, int]:
+def task_slots(args: argparse.Namespace) -> tuple[list[int], int]:
+    """(the task indices this process runs, the number of tasks)."""
+    if args.all_tasks:
+        if args.shard_index is not None:
+            raise ConfigError("--all-tasks runs every task: it cannot be combined with --shard-index")
+        count = args.num_shards or 1
+        if count < 1:
+            raise ConfigError(f"--num-shards {count}: allowed: 1 or more")
+        return list(range(count)), count
+    index, count = _task_slot(args)
+    return [index], count
+
+
+def _task_slot(args: argparse.Namespace) -> tuple[int, int]:
     env = os.environ
     if args.shard_index is not None or args.num_shards is not None:
         index, count = args.shard_index or 0, args.num_shards or 1

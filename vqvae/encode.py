@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 
 from prior.codes import codes_npy
-from runtime.array_task import completed_set, is_done, mark_done, task_slot
+from runtime.array_task import completed_set, is_done, mark_done, task_slots
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, config_from_args
@@ -116,7 +116,7 @@ def finalize(run: StageRun, items: list[tuple[str, str, int]], grid: tuple[int, 
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    index, count = task_slot(args)
+    indices, count = task_slots(args)
     run = begin_stage(cfg, "encode")
     layout = RunLayout.of(cfg)
     data_dir = layout.stage_dir("data")
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     items = work_items(data_dir)
     run.claim()
     started, total = time.perf_counter(), 0
-    for split, name, count_in in items[index::count]:
+    for split, name, count_in in [item for index in indices for item in items[index::count]]:
         output = run.out_dir / split / name
         if is_done(output, run.identity):
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
@@ -144,8 +144,8 @@ def main(args: argparse.Namespace) -> int:
         mark_done(output, run.identity, count=n, class_counts=class_counts)
         total += n
     seconds = time.perf_counter() - started
-    log.info("task %d/%d: %d images in %.1f s (%.1f images/s)", index, count, total, seconds,
-             total / max(seconds, 1e-9))
+    log.info("task %s of %d: %d images in %.1f s (%.1f images/s)", ",".join(map(str, indices)), count, total,
+             seconds, total / max(seconds, 1e-9))
     if finalize(run, items, grid, cfg.vqvae.codebook_size):
         log.info("all shards encoded: %s", run.out_dir / MANIFEST)
     return 0
