@@ -21,7 +21,7 @@ from runtime.config import RunConfig
 from runtime.errors import UserError
 from runtime.files import atomic_write_json, read_json
 from runtime.lineage import identity, mismatch_reason, token
-from runtime.ownership import MARKER, OwnershipError, move_aside, read_marker
+from runtime.ownership import MARKER, OwnershipError, foreign_entries, move_aside, read_marker
 from runtime.stages import MANIFEST, STAGES, RunLayout, Stage, read_stage_manifest
 
 Action = Literal["skip", "resume", "restore", "run"]
@@ -104,7 +104,7 @@ def make_plan(cfg: RunConfig, selected: list[str], forced: set[str]) -> list[Ste
 
 
 def _empty_dir(folder: Path) -> bool:
-    return folder.is_dir() and not any(folder.iterdir())
+    return folder.is_dir() and not foreign_entries(folder, set())
 
 
 def _step(cfg: RunConfig, spec: Stage, folder: Path, current: dict[str, Any] | None, marker: dict[str, Any] | None,

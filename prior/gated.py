@@ -28,13 +28,15 @@ def _gate(x: Tensor) -> Tensor:
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, filters: int, kernel_size: int, num_classes: int | None) -> None:
+    def __init__(self, filters: int, kernel_size: int, num_classes: int | None, *, last: bool = False) -> None:
         super().__init__()
         self.pad = kernel_size // 2
         self.v_conv = nn.Conv2d(filters, 2 * filters, (self.pad + 1, kernel_size))
         self.h_conv = nn.Conv2d(filters, 2 * filters, (1, self.pad + 1))
         self.v_to_h = nn.Conv2d(2 * filters, 2 * filters, 1)
-        self.h_res = nn.Conv2d(filters, filters, 1)
+        # The last layer's horizontal output feeds nothing (only its skip does): no parameters there, or DDP
+        # fails on parameters that never receive a gradient.
+        self.h_res = None if last else nn.Conv2d(filters, filters, 1)
         self.h_skip = nn.Conv2d(filters, filters, 1)
         self.class_bias = nn.Embedding(num_classes, 4 * filters) if num_classes is not None else None
 
@@ -47,7 +49,8 @@ class GatedLayer(nn.Module):
             v_pre = v_pre + v_bias
             h_pre = h_pre + h_bias
         gated = _gate(h_pre + self.v_to_h(v_pre))
-        return _gate(v_pre), h + self.h_res(gated), self.h_skip(gated)
+        h_out = h if self.h_res is None else h + self.h_res(gated)
+        return _gate(v_pre), h_out, self.h_skip(gated)
 
 
 class GatedPixelCNN(AutoregressivePrior):
@@ -57,7 +60,8 @@ class GatedPixelCNN(AutoregressivePrior):
         self.embed = nn.Embedding(codebook_size, embed_dim)
         self.project = nn.Conv2d(embed_dim, filters, 1)  # 1×1: position-local, causality is untouched
         self.layers = nn.ModuleList(
-            GatedLayer(filters, kernel_size, num_classes if conditional else None) for _ in range(layers)
+            GatedLayer(filters, kernel_size, num_classes if conditional else None, last=i == layers - 1)
+            for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(filters, filters, 1), nn.ReLU(),
                                   nn.Conv2d(filters, codebook_size, 1))

@@ -195,7 +195,7 @@ def claim_stage_dir(folder: Path, name: str, ident: str, *, create: bool = True,
         log.warning("%s held outputs of other settings: kept in %s", folder, kept)
         marker = None
     if marker is None:
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and foreign_entries(folder, set()):
             raise OwnershipError(
                 f"{folder} already holds files lesion-vq did not create (no {MARKER}); nothing was changed. "
                 "Move them elsewhere or choose another run_dir / output folder")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
-from runtime.files import atomic_write_json
+from runtime.files import TMP_MARK, atomic_write_json
 
 MARKER = ".lesion-vq.json"
 OWNER = "lesion-vq"
@@ -68,10 +68,11 @@ def owned_or_empty(folder: Path) -> bool:
 
 
 def foreign_entries(folder: Path, allowed: set[str]) -> list[str]:
-    """Entries of ``folder`` that are neither in ``allowed`` nor folders carrying our marker."""
+    """Entries of ``folder`` that are neither in ``allowed``, nor our marker (or another rank's marker being
+    written), nor folders carrying our marker."""
     out = []
     for entry in sorted(Path(folder).iterdir()):
-        if entry.name in allowed or entry.name == MARKER:
+        if entry.name in allowed or entry.name == MARKER or entry.name.startswith(MARKER + TMP_MARK):
             continue
         if entry.is_dir() and read_marker(entry) is not None:
             continue

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 install_project '.[dev]'
 if [ "$(id -u)" = 0 ]; then
-    slurm/local-cluster.sh up
+    slurm/local-cluster.sh up --nodes 2
 else
     echo "not root: Slurm tests will be skipped (set LESION_VQ_REQUIRE_SLURM=1 to make that an error)" >&2
 fi

@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Real single-node Slurm cluster (munged + MariaDB + slurmdbd + slurmctld + slurmd) for tests.
+# Real Slurm cluster on this one machine (munged + MariaDB + slurmdbd + slurmctld + one slurmd per
+# node) for tests.
 #
-#   slurm/local-cluster.sh up       install (if missing), configure, start, wait until usable
-#   slurm/local-cluster.sh down     cancel its jobs, stop ONLY the daemons this script started
-#   slurm/local-cluster.sh status   print state; exit 0 if up, 1 if down
-#   slurm/local-cluster.sh purge    down + delete the scratch dir (DB, job state, logs)
+#   slurm/local-cluster.sh up [--nodes N]  install (if missing), configure, start, wait until usable
+#   slurm/local-cluster.sh down            cancel its jobs, stop ONLY the daemons this script started
+#   slurm/local-cluster.sh status          print state (every node); exit 0 if up, 1 if down
+#   slurm/local-cluster.sh purge           down + delete the scratch dir (DB, job state, logs)
+#
+# --nodes N (default 1): N Slurm nodes in one partition, each a real slurmd of its own on this
+# machine. Debian's slurmd is built with --enable-multiple-slurmd (`scontrol show config` prints
+# MULTIPLE_SLURMD = Yes), so every node is `slurmd -N HOST-nI` with its own port, spool dir, log and
+# pid file, and its own loopback address (NodeAddr=127.0.1.I; all of 127/8 is this machine's lo):
+# nothing is sent outside this machine. With 1 node the node is named after the host, as before.
+# `up` with another N than the running cluster's reconfigures it (restarts the Slurm daemons).
 #
 # Needs root; works without systemd (daemons are started directly, in the foreground,
 # detached with setsid; their PIDs are tracked in $LESION_VQ_SLURM_DIR/run/*.pid).
 #
 # Environment:
 #   LESION_VQ_SLURM_DIR      scratch dir for config/state/spool/logs/DB  [/tmp/lesion-vq-slurm]
-#   LESION_VQ_SLURM_CPUS     CPUs declared for the node (may exceed nproc) [max(4, nproc)]
-#   LESION_VQ_SLURM_MEM_MB   RealMemory declared for the node            [detected by slurmd -C]
+#   LESION_VQ_SLURM_CPUS     CPUs declared for EACH node (may exceed nproc) [max(4, nproc)]
+#   LESION_VQ_SLURM_MEM_MB   RealMemory declared for EACH node           [detected by slurmd -C]
 #   LESION_VQ_SLURM_CLUSTER  ClusterName                                 [lesionvq]
 #
 # Clients find the config through /etc/slurm/slurm.conf, which `up` makes a symlink to
@@ -31,7 +39,8 @@ MYSQL_SOCK="$D/mysql/mysqld.sock"
 # Every daemon we start carries this in its environment: it is how `down` recognises its own
 # processes (a PID from a pid file is only trusted when the process also has this marker).
 MARK="LESION_VQ_SLURM_MARK=$D"
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+DAEMONS=(munged mariadbd slurmdbd slurmctld)   # + one "slurmd.NODE" per node (see slurmd_keys)
+SLURMD_PORT0=6830                              # node I of a multi-node cluster listens on 6830+I
 export SLURM_CONF="$CONF"
 
 T0=$(date +%s.%N)
@@ -63,12 +72,13 @@ die() {  # die MESSAGE [DAEMON-WHOSE-LOGS-TO-SHOW...]
 
 # ---------------------------------------------------------------- process tracking
 pid_of() {  # prints the tracked PID of daemon $1 if it is alive and ours; else returns 1
-  local name=$1 pidf="$D/run/$1.pid" pid
+  # $1 is a tracking key: the program name, or "slurmd.NODE" for the slurmd of one node.
+  local key=$1 pidf="$D/run/$1.pid" pid
   [[ -r "$pidf" ]] || return 1
   pid=$(<"$pidf")
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   [[ -r "/proc/$pid/environ" ]] || return 1
-  [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 1
+  [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${key%%.*}" ]] || return 1
   tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "$MARK" || return 1
   echo "$pid"
 }
@@ -83,8 +93,14 @@ start_daemon() {  # start_daemon NAME CMD... ; foreground daemon, detached, PID 
   # exec()s directly and $! is the daemon's own PID.
   env "$MARK" SLURM_CONF="$CONF" MYSQL_UNIX_PORT="$MYSQL_SOCK" \
     setsid "$@" >>"$D/log/$name.out" 2>&1 </dev/null &
-  echo $! >"$D/run/$name.pid"
-  disown $! 2>/dev/null || true
+  local pid=$! i
+  echo "$pid" >"$D/run/$name.pid"
+  disown "$pid" 2>/dev/null || true
+  # Until env and setsid have exec'ed the daemon, its name is theirs and pid_of would call it dead.
+  for ((i = 0; i < 50; i++)); do
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${name%%.*}" ]] && break
+    sleep 0.1
+  done
 }
 
 wait_for() {  # wait_for SECONDS DAEMON DESCRIPTION CMD... ; poll CMD every 0.2 s
@@ -121,6 +137,14 @@ stop_daemon() {  # TERM, wait up to $2 s, then KILL; only our own tracked proces
     sleep 0.5
   fi
   rm -f "$D/run/$name.pid"
+}
+
+tracked_slurmds() {  # keys of every slurmd this script started (any node count), from the pid files
+  local f
+  for f in "$D"/run/slurmd.pid "$D"/run/slurmd.*.pid; do   # not slurmdbd.pid
+    [[ -e "$f" ]] && basename "$f" .pid
+  done
+  return 0
 }
 
 our_stray_stepds() {  # slurmstepd processes spawned by our slurmd (they inherit the marker)
@@ -182,8 +206,25 @@ write_if_changed() {  # write_if_changed FILE MODE < content ; returns 0 if chan
   return 0
 }
 
-gen_config() {
-  local host cpus mem realcpus detected defmem
+node_names() {  # node_names N : the Slurm node names of an N-node cluster on this host
+  local host i
+  host=$(hostname -s)
+  if (($1 == 1)); then echo "$host"; return; fi
+  for ((i = 1; i <= $1; i++)); do echo "$host-n$i"; done
+}
+
+conf_nodes() {  # node names in the written config (status/all_up need them without --nodes)
+  [[ -r "$CONF" ]] && sed -n 's/^NodeName=\([^ ]*\).*/\1/p' "$CONF"
+  return 0
+}
+
+slurmd_keys() {  # tracking keys of the configured nodes' slurmds
+  local n
+  for n in "${NODES[@]}"; do echo "slurmd.$n"; done
+}
+
+gen_config() {  # uses NODE_COUNT; sets NODES and CONF_CHANGED
+  local host cpus mem realcpus detected defmem i node_lines=""
   host=$(hostname -s)
   detected=$(slurmd -C 2>/dev/null | head -n1 || true)
   realcpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$detected")
@@ -193,7 +234,19 @@ gen_config() {
   cpus=${LESION_VQ_SLURM_CPUS:-$(( realcpus > 4 ? realcpus : 4 ))}
   mem=${LESION_VQ_SLURM_MEM_MB:-$mem}
   defmem=$(( mem / cpus / 2 )); (( defmem > 1024 )) && defmem=1024
-  NODE_NAME=$host
+  mapfile -t NODES < <(node_names "$NODE_COUNT")
+  if ((NODE_COUNT == 1)); then
+    node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+  else
+    # Same NodeHostname (this machine), own NodeAddr and Port: slurmctld and srun reach node I at
+    # 127.0.1.I, port SLURMD_PORT0+I. Each node declares the CPUs and the memory one node had, so every job
+    # that ran on the 1-node cluster still fits on one node (memory is overcommitted, never pending).
+    for ((i = 1; i <= NODE_COUNT; i++)); do
+      node_lines+="NodeName=${NODES[i-1]} NodeHostname=$host NodeAddr=127.0.1.$i Port=$((SLURMD_PORT0 + i))"
+      node_lines+=" CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+    done
+    node_lines=${node_lines%$'\n'}
+  fi
 
   CONF_CHANGED=0
   write_if_changed "$CONF" 644 <<EOF && CONF_CHANGED=1 || true
@@ -209,11 +262,12 @@ AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$D/state
-SlurmdSpoolDir=$D/spool
+# %n = node name: every slurmd of this machine has its own spool dir, pid file and log.
+SlurmdSpoolDir=$D/spool/%n
 SlurmctldPidFile=$D/run/slurmctld.pidfile
-SlurmdPidFile=$D/run/slurmd.pidfile
+SlurmdPidFile=$D/run/slurmd.%n.pidfile
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+SlurmdLogFile=$D/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -248,8 +302,10 @@ InactiveLimit=0
 SlurmdParameters=config_overrides
 MpiDefault=none
 SwitchType=switch/none
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_lines
+# LLN: a job goes to the least loaded node, so array tasks (and jobs side by side) spread over the
+# nodes instead of filling the first one.
+PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP LLN=YES
 EOF
 
   write_if_changed "$DBD_CONF" 600 <<EOF && CONF_CHANGED=1 || true
@@ -284,8 +340,13 @@ link_etc_conf() {
 # ---------------------------------------------------------------- checks
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 check_ports() {  # a port taken by something that is not our daemon -> clear error up front
-  local spec name port
-  for spec in slurmdbd:6819 slurmctld:6817 slurmd:6818; do
+  local spec name port i specs=(slurmdbd:6819 slurmctld:6817)
+  if ((${#NODES[@]} == 1)); then
+    specs+=("slurmd.${NODES[0]}:6818")
+  else
+    for ((i = 1; i <= ${#NODES[@]}; i++)); do specs+=("slurmd.${NODES[i-1]}:$((SLURMD_PORT0 + i))"); done
+  fi
+  for spec in "${specs[@]}"; do
     name=${spec%%:*}; port=${spec##*:}
     if ! is_alive "$name" && port_busy "$port"; then
       die "port $port (for $name) is already in use by another process (another Slurm?)"
@@ -296,32 +357,57 @@ munge_ok() { munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/
 mysql_ok() { mariadb-admin --no-defaults --socket="$MYSQL_SOCK" ping >/dev/null 2>&1; }
 dbd_ok() { timeout 10 sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1; }
 ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
-node_state() { timeout 10 sinfo -h -N -n "$NODE_NAME" -o '%T' 2>/dev/null | head -n1; }
-node_idle() { [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n1; }
+node_idle() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated|completing)$ ]]; }
+nodes_idle() {  # every node of NODES usable
+  local n
+  for n in "${NODES[@]}"; do node_idle "$n" || return 1; done
+}
 sacct_ok() { timeout 10 sacct -n -X -S now-1minutes >/dev/null 2>&1; }
 
-all_up() {
+all_up() {  # every daemon of the NODES configuration alive, no other slurmd of ours, nodes usable
   local n
-  for n in "${DAEMONS[@]}"; do is_alive "$n" || return 1; done
-  NODE_NAME=$(hostname -s)
-  node_idle && sacct_ok
+  for n in "${DAEMONS[@]}" $(slurmd_keys); do is_alive "$n" || return 1; done
+  for n in $(tracked_slurmds); do
+    [[ " $(slurmd_keys | tr '\n' ' ') " == *" $n "* ]] || ! is_alive "$n" || return 1
+  done
+  nodes_idle && sacct_ok
+}
+
+stop_slurmds() {  # every slurmd we started, whatever node count it was started for
+  local key
+  for key in $(tracked_slurmds); do stop_daemon "$key" "${1:-20}"; done
 }
 
 # ---------------------------------------------------------------- commands
 cmd_up() {
+  NODE_COUNT=1
+  while (($#)); do
+    case "$1" in
+      --nodes) NODE_COUNT=${2:-}; shift 2 || die "--nodes needs a number" ;;
+      --nodes=*) NODE_COUNT=${1#--nodes=}; shift ;;
+      *) die "unknown argument for up: $1 (usage: $0 up [--nodes N])" ;;
+    esac
+  done
+  [[ "$NODE_COUNT" =~ ^[1-9][0-9]?$ ]] || die "--nodes must be a number from 1 to 99, not '$NODE_COUNT'"
   [[ $EUID -eq 0 ]] || die "must run as root (starts munged/slurmd/mariadbd)"
   ensure_packages
   mkdir -p "$D"/{etc,munge,mysql,state,spool,log,run}
   chmod 755 "$D" "$D/etc" "$D/munge" "$D/log" "$D/run"   # clients need to reach the munge socket
   gen_config
   if ((CONF_CHANGED == 0)) && all_up; then
-    log "already up (nothing to do)"
+    log "already up with ${#NODES[@]} node(s) (nothing to do)"
     return 0
   fi
-  if ((CONF_CHANGED)) && { is_alive slurmctld || is_alive slurmd || is_alive slurmdbd; }; then
-    log "config changed while daemons were running; restarting the Slurm daemons"
-    stop_daemon slurmd; stop_daemon slurmctld; stop_daemon slurmdbd
+  if ((CONF_CHANGED)) && { is_alive slurmctld || is_alive slurmdbd || [[ -n "$(tracked_slurmds)" ]]; }; then
+    log "config changed while daemons were running (now ${#NODES[@]} node(s)); restarting the Slurm daemons"
+    stop_slurmds; stop_daemon slurmctld; stop_daemon slurmdbd
   fi
+  # A slurmd of ours for a node that is no longer configured (e.g. 2 nodes -> 1) must not linger.
+  local key
+  for key in $(tracked_slurmds); do
+    [[ " $(slurmd_keys | tr '\n' ' ') " == *" $key "* ]] || stop_daemon "$key"
+  done
   link_etc_conf
   check_ports
 
@@ -376,23 +462,27 @@ cmd_up() {
   wait_for 60 slurmctld "scontrol ping" ctld_ok
   log "slurmctld up"
 
-  if ! is_alive slurmd; then
-    start_daemon slurmd slurmd -D -N "$NODE_NAME"
-  fi
-  local deadline=$(( $(date +%s) + 60 )) st resumed=0
-  while ! node_idle; do
-    is_alive slurmd || die "slurmd exited while waiting for the node" slurmd slurmctld
-    st=$(node_state)
-    if [[ "$st" =~ ^(down|drain|drained|draining|fail) ]] && ((resumed == 0)); then
-      log "node is '$st' (left over from an earlier run?); resuming it"
-      scontrol update NodeName="$NODE_NAME" State=RESUME >/dev/null 2>&1 || true
-      resumed=1
-    fi
-    (( $(date +%s) < deadline )) ||
-      die "timed out waiting for node $NODE_NAME to be idle (state: ${st:-?})" slurmd slurmctld
-    sleep 0.3
+  local n
+  for n in "${NODES[@]}"; do
+    mkdir -p "$D/spool/$n"
+    is_alive "slurmd.$n" || start_daemon "slurmd.$n" slurmd -D -N "$n"
   done
-  log "slurmd up; node $NODE_NAME is $(node_state)"
+  local deadline=$(( $(date +%s) + 60 )) st resumed=""
+  for n in "${NODES[@]}"; do
+    while ! node_idle "$n"; do
+      is_alive "slurmd.$n" || die "slurmd of node $n exited while waiting for it" "slurmd.$n" slurmctld
+      st=$(node_state "$n")
+      if [[ "$st" =~ ^(down|drain|drained|draining|fail) && " $resumed " != *" $n "* ]]; then
+        log "node $n is '$st' (left over from an earlier run?); resuming it"
+        scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true
+        resumed+=" $n"
+      fi
+      (( $(date +%s) < deadline )) ||
+        die "timed out waiting for node $n to be idle (state: ${st:-?})" "slurmd.$n" slurmctld
+      sleep 0.3
+    done
+    log "slurmd up; node $n is $(node_state "$n")"
+  done
   wait_for 30 slurmdbd "sacct answering" sacct_ok
   log "cluster '$CLUSTER' is up (sacct answers). Logs: $D/log"
 }
@@ -412,7 +502,7 @@ cmd_down() {
       done
     fi
   fi
-  stop_daemon slurmd 20
+  stop_slurmds 20
   stop_daemon slurmctld 20
   stop_daemon slurmdbd 20
   stop_daemon mariadbd 60
@@ -427,18 +517,23 @@ cmd_down() {
 
 cmd_status() {
   local n pid up=1
+  mapfile -t NODES < <(conf_nodes)
   echo "scratch dir: $D"
-  for n in "${DAEMONS[@]}"; do
+  echo "nodes: ${NODES[*]:-none configured}"
+  for n in "${DAEMONS[@]}" $(slurmd_keys); do
     if pid=$(pid_of "$n"); then
-      printf '  %-10s running (pid %s)\n' "$n" "$pid"
+      printf '  %-16s running (pid %s)\n' "$n" "$pid"
     else
-      printf '  %-10s stopped\n' "$n"; up=0
+      printf '  %-16s stopped\n' "$n"; up=0
     fi
   done
+  ((${#NODES[@]})) || up=0
   if ((up)); then
-    NODE_NAME=$(hostname -s)
-    if sinfo_out=$(timeout 10 sinfo 2>&1); then echo "$sinfo_out"; else echo "  sinfo failed: $sinfo_out"; up=0; fi
-    node_idle || { echo "  node $NODE_NAME not usable (state: $(node_state))"; up=0; }
+    if sinfo_out=$(timeout 10 sinfo -N -o '%10N %10n %10o %10P %10T %5c %8m' 2>&1); then echo "$sinfo_out"
+    else echo "  sinfo failed: $sinfo_out"; up=0; fi
+    for n in "${NODES[@]}"; do
+      node_idle "$n" || { echo "  node $n not usable (state: $(node_state "$n"))"; up=0; }
+    done
     sacct_ok || { echo "  sacct does not answer"; up=0; }
   fi
   if ((up)); then echo "status: UP"; return 0; fi
@@ -447,9 +542,9 @@ cmd_status() {
 }
 
 case "${1:-}" in
-  up) cmd_up ;;
+  up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   purge) cmd_down; log "removing $D"; rm -rf "$D" ;;
-  *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--nodes N]|down|status|purge" >&2; exit 2 ;;
 esac

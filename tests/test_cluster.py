@@ -1,4 +1,4 @@
-"""The pipeline on the real single-node Slurm of ``slurm/local-cluster.sh up``: submitit chain, sbatch
+"""The pipeline on the real local Slurm of ``slurm/local-cluster.sh up --nodes 2``: submitit chain, sbatch
 scripts, pre-emption -> checkpoint -> requeue -> resume, failure propagation, and DDP in a job.
 
 Skipped (with the reason) when ``sinfo`` is missing or the cluster is not usable, unless
@@ -149,7 +149,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     assert result.returncode == 0, "the shared cluster run failed (see test_cluster_chain_matches_local_run)"
     # A run directory of its own, with data/vqvae/encode already complete (copied from the chain run).
     run_dir = tmp_path / "run"
-    for name in ("data", "vqvae", "codes"):
+    for name in ("data", "vqvae", "codes", "classifier"):
         shutil.copytree(src / name, run_dir / name)
     base = json.loads((src / "config.json").read_text())
     save_config(build_config(base=base, overrides=[f"run_dir={run_dir}"]), run_dir / "config.json")
@@ -161,17 +161,17 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     assert first.returncode == 0, first.stderr[-2000:]
     assert time.monotonic() - t0 < 60, "--cluster without --wait must return at once"
     ids = _submitted(first.stdout)
-    assert list(ids) == ["prior", "sample", "report"], first.stdout
-    for stage in ("data", "vqvae", "encode"):
+    assert list(ids) == ["prior", "sample", "evaluate", "report"], first.stdout
+    for stage in ("data", "vqvae", "encode", "classifier"):
         assert re.search(rf"stage {stage}\s+skip: up to date, not submitted", first.stdout), first.stdout
-    # The chain, as Slurm records it: sample waits on prior, report on sample.
+    # The chain, as Slurm records it: sample waits on prior, evaluate on sample, report on evaluate.
     show = run_quiet(["scontrol", "show", "job", ids["report"]]).stdout
-    assert f"afterok:{ids['sample']}" in show or _state(ids["report"]).startswith("CANCELLED"), show
+    assert f"afterok:{ids['evaluate']}" in show or _state(ids["report"]).startswith("CANCELLED"), show
     show = run_quiet(["scontrol", "show", "job", ids["sample"]]).stdout
     assert f"afterok:{ids['prior']}" in show or _state(ids["sample"]).startswith("CANCELLED"), show
 
     assert _wait_terminal(ids["prior"], 180).startswith("FAILED")
-    for stage in ("sample", "report"):
+    for stage in ("sample", "evaluate", "report"):
         state = _wait_terminal(ids[stage], 60)
         # sacct's Reason is not reliable here ("Dependency" or "None"); the state and "never ran" are.
         assert state.startswith("CANCELLED"), f"{stage}: {state}"
@@ -189,7 +189,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     # Fixed: only what is missing is submitted, and it completes.
     second = _pipeline("--cluster", "--wait", "--config", config, "prior_train.lr=0.002", timeout=300)
     assert second.returncode == 0, f"{second.stdout}\n{second.stderr[-3000:]}"
-    assert list(_submitted(second.stdout)) == ["prior", "sample", "report"], second.stdout
+    assert list(_submitted(second.stdout)) == ["prior", "sample", "evaluate", "report"], second.stdout
     assert (run_dir / "samples" / "manifest.json").is_file()
 
 
