@@ -293,7 +293,8 @@ def test_two_trainers_never_share_one_output_folder(tmp_path: Path, tiny_data: P
     run_dir, proc = _run_with_training(tmp_path, tiny_data)
     try:
         second = _cli(sys.executable, "vqvae/train.py", "--config", str(run_dir / "config.json"))
-        _refused(second, f"another vqvae training is writing to {run_dir / 'vqvae'}", "(pid ")
+        # After the data check's progress line: the lock is taken once the inputs are known to be good.
+        _refused(second, f"another vqvae training is writing to {run_dir / 'vqvae'}", "(pid ", alone=False)
     finally:
         procs = _stage_processes(proc)
         proc.kill()
