@@ -39,7 +39,7 @@ from launch.plan import Step, prepare, record_done, record_start
 from runtime.config import RunConfig, SlurmResources, load_config
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
-from runtime.launcher import REPO_ROOT, accelerate_command
+from runtime.launcher import REPO_ROOT, stage_command
 from runtime.log import get_logger
 from runtime.signals import STOP_STATUSES
 from runtime.stages import RunLayout, Stage
@@ -109,17 +109,16 @@ class StageJob(submitit.helpers.Checkpointable):
     def _command(self, cfg: RunConfig, spec: Stage, env_info: submitit.JobEnvironment
                  ) -> tuple[list[str], dict[str, str]]:
         args = ["--config", self.config_path]
-        if spec.kind != "training":
-            return [sys.executable, "-m", spec.module, *args], {}
         res = getattr(cfg.cluster, spec.resources)
+        if spec.kind != "training":
+            return stage_command(cfg, spec, args, use_gpu=res.gpus_per_node > 0)
         # One submitit task per node; every node runs `accelerate launch` with its own machine rank,
         # taken from the job environment at run time (not a $SLURM_NODEID expanded too early).
         port = 20000 + int(str(env_info.job_id).split("_")[0]) % 20000
         processes = int(os.environ.get("LESION_VQ_PROCS_PER_NODE", "0") or 0) or res.processes_per_node
-        return accelerate_command(spec.script, args, processes=processes, num_machines=env_info.num_nodes,
-                                  machine_rank=env_info.node, main_address=env_info.hostnames[0], main_port=port,
-                                  use_gpu=res.gpus_per_node > 0, mixed_precision=spec.optim(cfg).mixed_precision,
-                                  stop_signal=cfg.cluster.signal)
+        return stage_command(cfg, spec, args, use_gpu=res.gpus_per_node > 0, processes=processes,
+                             num_machines=env_info.num_nodes, machine_rank=env_info.node,
+                             main_address=env_info.hostnames[0], main_port=port)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the warning signal: let the workers finish their checkpoint, then requeue."""

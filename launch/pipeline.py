@@ -30,7 +30,8 @@ from launch.plan import Step, make_plan, prepare, record_done, record_start
 from runtime.cli import run_cli
 from runtime.config import RunConfig, add_config_args, config_from_args, save_config
 from runtime.errors import UserError
-from runtime.launcher import REPO_ROOT, accelerate_command
+from runtime.launcher import REPO_ROOT
+from runtime.launcher import stage_command as launcher_stage_command
 from runtime.lineage import claim_run_dir
 from runtime.log import get_logger
 from runtime.process import exclusive_lock, preexec_die_with_parent
@@ -69,14 +70,11 @@ def stage_command(cfg: RunConfig, spec: Stage, config_path: Path, *, processes: 
     args = ["--config", str(config_path)]
     if spec.kind == "array":
         args += ["--num-shards", str(spec.tasks(cfg)), "--all-tasks"]
-    if spec.kind != "training":
-        return [sys.executable, "-m", spec.module, *args], {}
-    if use_gpu is None:
+    if use_gpu is None and spec.kind == "training":
         import torch
 
         use_gpu = torch.cuda.is_available()
-    return accelerate_command(spec.script, args, processes=processes, use_gpu=use_gpu,
-                              mixed_precision=spec.optim(cfg).mixed_precision, stop_signal=cfg.cluster.signal)
+    return launcher_stage_command(cfg, spec, args, use_gpu=bool(use_gpu), processes=processes)
 
 
 def plan_table(cfg: RunConfig, steps: list[Step], processes: int) -> str:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from runtime.process import WATCH_ENV
 from runtime.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, STOP_STATUSES
@@ -68,6 +69,17 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
             cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", f"is_host={int(machine_rank == 0)}"]
     env = {} if use_gpu else {"ACCELERATE_USE_CPU": "1"}
     return [*cmd, os.path.join(REPO_ROOT, script), *script_args], env
+
+
+def stage_command(cfg: Any, spec: Any, stage_args: list[str], *, use_gpu: bool,
+                  **launch: Any) -> tuple[list[str], dict[str, str]]:
+    """argv + extra env for one task of a registered stage (runtime/stages.py): ``python -m MODULE ARGS``,
+    or for a training stage this node's accelerate launch (``launch``: processes, num_machines, machine_rank,
+    main_address, main_port), with the stage's precision and the config's stop signal."""
+    if spec.kind != "training":
+        return [sys.executable, "-m", spec.module, *stage_args], {}
+    return accelerate_command(spec.script, stage_args, use_gpu=use_gpu, mixed_precision=spec.optim(cfg).mixed_precision,
+                              stop_signal=cfg.cluster.signal, **launch)
 
 
 def node_address(node: str) -> str:

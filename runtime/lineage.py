@@ -128,9 +128,16 @@ class StageRun:
 def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
                     folders: dict[str, Path]) -> tuple[dict, dict, dict]:
     """Upstream manifests, their tokens and the merged lineage; refuses outputs of another config or lineage."""
+    def where(stage_name: str) -> Path | None:
+        if stage_name in folders:
+            return folders[stage_name]
+        return None if layout is None else layout.stage_dir(stage_name)
+
     manifests, tokens, lineage, seen_from = {}, {}, {}, {}
     for up in stage(name).upstream:
-        folder = folders[up] if up in folders or layout is None else layout.stage_dir(up)
+        folder = where(up)
+        if folder is None:
+            raise LineageError(f"{name}: no folder given for its input {up}")
         manifest = read_stage_manifest(folder, up)
         if manifest.get("identity") != expected_identity(cfg, up, manifest):
             raise LineageError(
@@ -146,12 +153,11 @@ def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
                     f"{ancestor} (python launch/pipeline.py --from {ancestor})")
             seen_from.setdefault(ancestor, folder)
     # An ancestor present in this run dir must be the one the inputs were made from (e.g. code shards
-    # copied in from a run with another VQ-VAE are refused, not decoded with the wrong decoder).
+    # copied in from a run with another VQ-VAE are refused, not decoded with the wrong decoder). Direct
+    # inputs were read above and are their own tokens: only the further ancestors are read here.
     for ancestor, value in lineage.items():
-        if ancestor not in STAGE_NAMES or (layout is None and ancestor not in folders):
-            continue
-        on_disk = folders[ancestor] if ancestor in folders or layout is None else layout.stage_dir(ancestor)
-        if not (on_disk / MANIFEST).is_file():
+        on_disk = where(ancestor) if ancestor in STAGE_NAMES and ancestor not in manifests else None
+        if on_disk is None or not (on_disk / MANIFEST).is_file():
             continue
         here = token(read_stage_manifest(on_disk, ancestor))
         if here != value:
