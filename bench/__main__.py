@@ -1,7 +1,7 @@
 """Benchmarks of the lesion-vq pipeline against their baselines, measured side by side in one run.
 
     python -m bench all [--quick] [--out DIR]      # every benchmark, one table
-    python -m bench {data,train,ddp,encode,sample,memory} [--quick] [--out DIR]
+    python -m bench {data,scaling,train,ddp,encode,sample,memory} [--quick] [--out DIR]
 
 Writes ``<host>-<device>.md`` (table) and ``.json`` (rows + machine) to DIR (default
 ``bench/results/``); every row has a ratio to its baseline row. ``all`` runs each benchmark in its
@@ -55,6 +55,12 @@ def _sample(quick: bool) -> list[Row]:
     return inference.run_sample(quick)
 
 
+def _scaling(quick: bool) -> list[Row]:
+    from bench import scaling
+
+    return scaling.run(quick)
+
+
 def _memory(quick: bool) -> list[Row]:
     from bench import memory
 
@@ -62,7 +68,8 @@ def _memory(quick: bool) -> list[Row]:
 
 
 BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
-    "data": _data, "train": _train, "ddp": _ddp, "encode": _encode, "sample": _sample, "memory": _memory,
+    "data": _data, "scaling": _scaling, "train": _train, "ddp": _ddp, "encode": _encode, "sample": _sample,
+    "memory": _memory,
 }
 
 
@@ -80,6 +87,11 @@ def _all(quick: bool) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quality"]:  # real data, its own options and tens of minutes: not part of `all`
+        from bench.quality import main as quality
+
+        return quality(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="tiny inputs: seconds per benchmark (smoke test)")

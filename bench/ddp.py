@@ -41,7 +41,7 @@ class Setup:
 
 _COMMON = ("wandb=disabled", "vqvae_train.num_workers=0", "vqvae_train.warmup_steps=0", "vqvae_train.eval_batches=1")
 QUICK = Setup((*_COMMON, "data.num_images=96", "data.image_size=32", "data.shard_max_count=20",
-               "vqvae.channels=[16,32]", "vqvae.codebook_size=32", "vqvae.code_dim=16"),
+               "vqvae.channels=[16,32]", "vqvae.quantizer.codebook_size=32", "vqvae.code_dim=16"),
               batch=8, warmup=2, steps=4)
 FULL = Setup((*_COMMON, "data.num_images=600"), batch=16, warmup=5, steps=25)  # the smoke model at 64 px
 

@@ -31,7 +31,7 @@ from prior.models import build_prior
 from runtime.config import CLASSES, RunConfig, build_config
 from vqvae.models import VQVAE, build_vqvae
 
-TINY = ("data.image_size=32", "vqvae.channels=[16,32]", "vqvae.codebook_size=32", "vqvae.code_dim=16",
+TINY = ("data.image_size=32", "vqvae.channels=[16,32]", "vqvae.quantizer.codebook_size=32", "vqvae.code_dim=16",
         "prior.filters=16", "prior.layers=2", "prior.kernel_size=3", "prior.embed_dim=8")
 
 

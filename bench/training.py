@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, device
+from bench.common import Row, autocast, channels_last, device, timed
 from bench.data_loading import Inputs, make_inputs
 from bench.report_baseline import train_images_per_s
 from runtime.config import build_config
 from runtime.tracking import read_metrics
 from runtime.trainer import train
-from vqvae.train import build_plan
+from vqvae.train import VQVAETask, build_plan
 
 VAL_FRACTION = 0.1
 
@@ -77,14 +77,41 @@ def ours_images_per_s(inputs: Inputs, setup: Setup, run_dir: Path, dev: torch.de
     return setup.steps * setup.batch / seconds
 
 
+def ceiling_images_per_s(task: VQVAETask, setup: Setup, dev: torch.device) -> float:
+    """images/s of the same model, loss, optimizer and batch with the inputs already on the device: what the
+    training step alone can do, so data-path efficiency = ours / this."""
+    torch.manual_seed(0)
+    model = task.build_model().to(dev, memory_format=channels_last(dev)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batches = [{"image": torch.rand(setup.batch, 3, setup.size, setup.size, device=dev).contiguous(
+        memory_format=channels_last(dev)), "label": torch.zeros(setup.batch, dtype=torch.long, device=dev)}
+        for _ in range(4)]
+
+    def step(i: int) -> None:
+        with autocast(dev):
+            loss, _ = task.loss(model, batches[i % len(batches)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(setup.warmup):
+        step(i)
+    with timed(dev) as seconds:
+        for i in range(setup.steps):
+            step(i)
+    return setup.steps * setup.batch / seconds[0]
+
+
 def run(quick: bool) -> list[Row]:
     setup = QUICK if quick else FULL
     dev = device()
-    ours, report = [], []
+    ours, report, ceiling = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         inputs = prepare(setup, Path(tmp))
         for i in range(setup.repeats):
             ours.append(ours_images_per_s(inputs, setup, Path(tmp) / f"ours-{i}", dev))
+            task = VQVAETask(build_config("seed", [f"data.image_size={setup.size}"]), inputs.data_dir / "val")
+            ceiling.append(ceiling_images_per_s(task, setup, dev))
             report.append(train_images_per_s(inputs.folder, size=setup.size, batch=setup.batch,
                                              warmup=setup.warmup, steps=setup.steps, workers=setup.workers,
                                              device=dev))
@@ -92,9 +119,13 @@ def run(quick: bool) -> list[Row]:
     how = (f"{setup.size} px, batch {setup.batch}, {setup.steps} timed steps after {setup.warmup}, "
            f"{setup.workers} loader worker(s), {torch.get_num_threads()} threads, best of {setup.repeats}")
     precision = "bf16 autocast" if dev.type == "cuda" else "fp32"
+    top = "step only, inputs resident on the device (ceiling)"
     return [Row("train", base, max(report), "images/s", base, f"{how}; fp32; runs {_fmt(report)}"),
             Row("train", "ours (runtime.trainer, seed preset, shards)", max(ours), "images/s", base,
-                f"{precision}; runs {_fmt(ours)}")]
+                f"{precision}; runs {_fmt(ours)}"),
+            Row("train", top, max(ceiling), "images/s", top, f"same model, loss, batch; {precision}; "
+                f"runs {_fmt(ceiling)}"),
+            Row("train", "ours vs the ceiling", max(ours), "images/s", top, "data-path efficiency = ratio")]
 
 
 def _fmt(values: list[float]) -> str:

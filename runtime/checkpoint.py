@@ -5,6 +5,8 @@ A checkpoint is a directory ``checkpoints/step-00000123/`` holding
 - ``model.safetensors``: model weights and buffers (safetensors: no code can hide in it),
 - ``optimizer.pt``: optimizer state, tensors and plain containers only (loaded with ``weights_only=True``),
 - ``rng.pt``: torch RNG state (same rules),
+- ``critic.safetensors`` and ``critic_optimizer.pt``: only for a training with a critic (the VQ-VAE's GAN
+  discriminator), the same formats as the two above,
 - ``state.json``: step, epoch, position in the epoch, config digest and the sha256 of every file above.
 
 It is written under a temporary directory name and renamed in one ``os.replace``, so a kill at any
@@ -37,6 +39,10 @@ log = get_logger(__name__)
 
 STEP_PREFIX = "step-"
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
+_CRITIC_FILES = ("critic.safetensors", "critic_optimizer.pt")
+
+Trained = tuple[torch.nn.Module, torch.optim.Optimizer]
+"""A network and its optimizer (the critic of an adversarial training)."""
 
 
 class CheckpointError(UserError):
@@ -47,7 +53,8 @@ class CheckpointError(UserError):
 class TrainState:
     step: int = 0
     epoch: int = 0
-    step_in_epoch: int = 0
+    position: int = 0
+    """Samples of ``epoch`` consumed by all ranks together: where the data resumes, whatever the world size."""
     config_digest: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -122,7 +129,7 @@ def _restore_rng(tensors: dict[str, Any], py: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, keep: int = 3) -> Path:
+                    state: TrainState, keep: int = 3, critic: Trained | None = None) -> Path:
     """Write ``directory/step-XXXXXXXX`` atomically and prune all but the newest ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{state.step:08d}"
@@ -132,8 +139,13 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
         _write(tmp / "model.safetensors", safetensors_bytes(_model_tensors(model)), final / "model.safetensors")
         _write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()), final / "optimizer.pt")
         _write(tmp / "rng.pt", _torch_bytes(_rng_state()), final / "rng.pt")
+        if critic is not None:
+            _write(tmp / "critic.safetensors", safetensors_bytes(_model_tensors(critic[0])),
+                   final / "critic.safetensors")
+            _write(tmp / "critic_optimizer.pt", _torch_bytes(critic[1].state_dict()), final / "critic_optimizer.pt")
+        names = _FILES + (_CRITIC_FILES if critic is not None else ())
         meta = asdict(state) | {"rng_python": _python_rng_json(),
-                                "sha256": {name: sha256_file(tmp / name) for name in _FILES}}
+                                "sha256": {name: sha256_file(tmp / name) for name in names}}
         _write(tmp / "state.json", json.dumps(meta, indent=1).encode(), final / "state.json")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -176,7 +188,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not state_file.is_file():
         raise CheckpointError(f"{path}: state.json missing")
     meta = json.loads(state_file.read_text())
-    for name in _FILES:
+    # The critic's files are checked whenever state.json records them (only those names: never a path
+    # taken from the file).
+    for name in _FILES + tuple(n for n in _CRITIC_FILES if n in meta["sha256"]):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: {name} missing")
         if sha256_file(path / name) != meta["sha256"][name]:
@@ -195,15 +209,32 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    critic: Trained | None = None, identity: str | None = None) -> TrainState:
+    """Restore weights, optimizer state(s) and RNG. ``identity``: refuse a checkpoint of another configuration
+    before anything is loaded (that is also what refuses to mix a run with a critic and one without)."""
     meta = verify_checkpoint(path)
+    if identity is not None and meta["config_digest"] != identity:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another configuration or input data "
+            f"(identity {meta['config_digest']} != {identity}); use a new run_dir or --resume none")
+    if all(name in meta["sha256"] for name in _CRITIC_FILES) != (critic is not None):
+        has = "has a critic (adversarial training)" if critic is None else "has no critic (adversarial training)"
+        raise CheckpointError(f"{path} {has}, unlike this training; use a new run_dir or --resume none")
     load_weights(model, path / "model.safetensors")
+    if critic is not None:
+        load_weights(critic[0], path / "critic.safetensors")
     try:
         # weights_only=True: a checkpoint carrying a pickled object (code) is refused, never run.
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if critic is not None:
+            critic[1].load_state_dict(torch.load(path / "critic_optimizer.pt", map_location="cpu", weights_only=True))
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: refusing to load (not a plain tensor checkpoint): {err}") from err
     _restore_rng(rng, meta["rng_python"])
-    return TrainState(step=meta["step"], epoch=meta["epoch"], step_in_epoch=meta["step_in_epoch"],
+    if "position" not in meta:
+        raise CheckpointError(f"{path} was written by an older lesion-vq (no data position); start afresh with "
+                              "--resume none or a new run_dir")
+    return TrainState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
                       config_digest=meta["config_digest"], extra=meta.get("extra", {}))

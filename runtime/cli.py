@@ -86,9 +86,9 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     """Parse, run, and turn the errors a user can fix into a message and a status, not a traceback:
     :class:`UserError` and OS errors about files and disks (disk full, read-only, name too long, ...).
     A process started by one of our launchers dies with it (runtime/process.py)."""
+    from runtime.errors import NonFiniteLossError
     from runtime.process import honour_parent_watch
     from runtime.signals import EXIT_INTERRUPTED
-    from runtime.trainer import NonFiniteLossError
 
     honour_parent_watch()
     args = parser.parse_args()

@@ -67,7 +67,9 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
             # no everywhere when the address is an alias or a second NIC's. A wrong "yes" on another node
             # takes the port first and node 0's accelerate then refuses to start.
             cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", f"is_host={int(machine_rank == 0)}"]
-    env = {} if use_gpu else {"ACCELERATE_USE_CPU": "1"}
+    # A CPU launch hides the GPUs: accelerate would otherwise still bind rank r to cuda:r on a machine with
+    # fewer GPUs than processes (bench ddp on a 1-GPU machine: "invalid device ordinal" on rank 1).
+    env = {} if use_gpu else {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
     return [*cmd, os.path.join(REPO_ROOT, script), *script_args], env
 
 

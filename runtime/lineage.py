@@ -43,6 +43,9 @@ NOT_IN_IDENTITY = frozenset({
     "vqvae_train.checkpoint_every",
     "prior_train.num_workers", "prior_train.log_every", "prior_train.eval_every", "prior_train.eval_batches",
     "prior_train.checkpoint_every",
+    "classifier_train.num_workers", "classifier_train.log_every", "classifier_train.eval_every",
+    "classifier_train.eval_batches", "classifier_train.checkpoint_every",
+    "vqvae_train.prefetch_factor", "prior_train.prefetch_factor", "classifier_train.prefetch_factor",
     "encode.num_tasks",  # one output per input shard, whichever task writes it
     # Where the inputs are, not what they are: their content is in the data stage's input fingerprint.
     "data.isic_images", "data.isic_csv",
@@ -166,6 +169,13 @@ def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
                 f"(outputs of another run?). Rerun the stages after {ancestor} "
                 f"(python launch/pipeline.py --from {ancestor})")
     return manifests, tokens, lineage
+
+
+def completed_inputs(cfg: Any, name: str) -> dict[str, dict[str, Any]]:
+    """The manifests of stage ``name``'s inputs in the run directory, checked as the stage itself checks them
+    (complete, made with this config, one lineage), claiming and writing nothing: for read-only consumers
+    such as ``judge/evaluate.py --images``."""
+    return _check_upstream(cfg, RunLayout.of(cfg), name, {})[0]
 
 
 def claim_run_dir(cfg: Any) -> RunLayout:

@@ -141,6 +141,11 @@ class RunLayout:
     def manifest(self, name: str) -> Path:
         return self.stage_dir(name) / MANIFEST
 
+    @property
+    def judged(self) -> Path:
+        """Results of ``judge/evaluate.py --images`` (other image sets judged with this run's models)."""
+        return self.root / "judged"
+
     def slurm_dir(self, name: str) -> Path:
         """submitit's files and the job logs of a stage."""
         return self.root / "slurm" / name

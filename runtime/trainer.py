@@ -34,7 +34,6 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from tqdm import tqdm
 
 from runtime.checkpoint import (
-    CheckpointError,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -66,16 +65,56 @@ class TrainTask(Protocol):
         """Validation metrics and image files, on the main process with the unwrapped model."""
 
 
+@dataclass
+class Critic:
+    """A second network trained against the model (a GAN discriminator), from a task's optional
+    ``build_critic()``. The trainer owns its optimizer (Adam, the model's learning-rate schedule scaled to
+    ``lr``), DDP wrapping, checkpoints and rank digests; the task owns its losses (:class:`CriticTask`)."""
+
+    module: torch.nn.Module
+    lr: float
+    betas: tuple[float, float]
+    start_step: int
+    """From this step on the critic is trained and used at every step; before it, neither."""
+
+
+class CriticTask(TrainTask, Protocol):
+    """A TrainTask with a critic. At each step from ``critic.start_step`` on, after ``loss`` and in the same
+    autocast: ``adversarial_loss`` completes the model's loss, ``critic_loss`` gives the critic's on this
+    step's outputs (detached); then the model is updated, then the critic."""
+
+    def build_critic(self) -> Critic | None:
+        """None: no critic in this configuration."""
+
+    def adversarial_loss(self, model: torch.nn.Module, critic: torch.nn.Module, loss: torch.Tensor,
+                         extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The model's loss with its adversarial term. Both networks unwrapped; the critic must be used without
+        gradients to its parameters, so the model's DDP step never involves it."""
+
+    def critic_loss(self, critic: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The critic's loss and scalars to log; ``critic`` as prepared by accelerate (DDP under several
+        processes, so its gradients are all-reduced)."""
+
+
 class TrainData(Protocol):
     """What the trainer needs of its data (shards.loader.ShardTrainData implements it)."""
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch."""
 
     def check(self, world_size: int) -> None:
         """Raise a UserError when the data cannot be trained on (damaged, empty, too small)."""
 
     def steps_per_epoch(self, world_size: int) -> int: ...
 
-    def loader(self, *, epoch: int, start_step: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
-        """This rank's batches of one epoch from ``start_step`` on; the same count on every rank."""
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """A batch of :meth:`loader` moved to (and, where deferred, decoded on) the training device."""
+
+    def loader(self, *, epoch: int, position: int, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+        """This rank's batches, epoch after epoch, from ``position`` (samples of ``epoch`` consumed by all ranks
+        together) on: the same count on every rank, whatever world size reached the position. Each batch
+        carries its ``epoch`` and the ``position`` after it."""
 
 
 @dataclass
@@ -109,6 +148,14 @@ def learning_rate(optim: OptimConfig, step: int) -> float:
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_optimizer(params: Iterable[torch.nn.Parameter], device: torch.device, *, lr: float,
+                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam for every trained network: fused on CUDA (one kernel for all parameters), torch's default
+    implementation elsewhere, so CPU runs keep their bitwise results."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **fused)
+
+
 def make_accelerator(optim: OptimConfig, timeout_s: int) -> Accelerator:
     mixed = None if optim.mixed_precision == "no" else optim.mixed_precision  # None: honour launch flags
     return Accelerator(
@@ -117,7 +164,7 @@ def make_accelerator(optim: OptimConfig, timeout_s: int) -> Accelerator:
             # Bounded: if a rank dies, the others fail with an error instead of waiting forever.
             InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
             # broadcast_buffers stays on (BatchNorm stats of the seed model); it is harmless for the EMA
-            # codebook only because the quantizer all-reduces its statistics (see vqvae/quantizer.py).
+            # codebook only because the quantizer all-reduces its statistics (see vqvae/quantizers/codebook.py).
             DistributedDataParallelKwargs(broadcast_buffers=True),
         ],
     )
@@ -131,8 +178,36 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _sync_point(optim: OptimConfig, step: int) -> bool:
+    """Steps after which ranks compare notes (non-finite loss, stop requests) and may log, evaluate or save;
+    between them a step never waits for the device or the other ranks beyond DDP's own all-reduce."""
+    return any(step % every == 0 for every in (optim.log_every, optim.eval_every, optim.checkpoint_every)) or (
+        step == optim.max_steps)
+
+
+def _first_bad(step: torch.Tensor, loss: torch.Tensor, accelerator: Accelerator) -> str:
+    """'VALUE at step S' for the earliest non-finite loss on any rank (-1 where a rank saw none)."""
+    pair = torch.stack([step.double(), loss.double()]).reshape(1, 2)
+    rows = accelerator.gather(pair).reshape(-1, 2).tolist()
+    first = min((r for r in rows if r[0] >= 0), key=lambda r: r[0])
+    return f"{first[1]} at step {int(first[0])}"
+
+
+def _note_world_change(state: TrainState, world: int, num_samples: int, resume_from: Path | None, stage: str,
+                       main: bool) -> None:
+    """Resuming with another number of processes continues the same epoch from the same sample position:
+    no sample is repeated or skipped, but each step now takes another number of samples, so the weights
+    differ from an uninterrupted run. Allowed, never silent: logged and recorded in the manifest."""
+    saved = state.extra.get("world_size")
+    if saved is not None and saved != world:
+        state.extra.setdefault("world_size_changes", []).append(
+            {"step": state.step, "from": saved, "to": world, "epoch": state.epoch, "position": state.position})
+        if main:
+            log.warning("%s: resuming %s (step %d) with %d processes instead of %d: epoch %d continues at sample "
+                        "%d of %d, no sample repeated or skipped; each step now takes %d batches instead of %d "
+                        "(recorded as world_size_changes in the manifest)", stage, resume_from, state.step, world,
+                        saved, state.epoch, state.position, num_samples, world, saved)
+    state.extra["world_size"] = world
 
 
 def train(task: TrainTask, plan: TrainPlan) -> int:
@@ -153,39 +228,38 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
     # must not lose the warning (the launchers ignore both for the same reason).
     stop = StopRequest((cfg.cluster.signal, "USR1", "USR2", "TERM", "INT"))
     seed_everything(optim.seed)  # same initial weights on every rank, and across reruns
-    model = task.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    # On its device before its optimizer exists: fused Adam (CUDA) wants its parameters there.
+    model = task.build_model().to(accelerator.device)
+    if accelerator.device.type == "cuda":  # tensor-core convolutions want NHWC; batches arrive so (TrainData)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), accelerator.device, lr=optim.lr, weight_decay=optim.weight_decay)
+    # Built after the model, so the model's initial weights are the same with or without a critic.
+    critic = build_critic() if (build_critic := getattr(task, "build_critic", None)) else None
+    critic_net, critic_opt = None, None
+    if critic is not None:
+        critic_opt = make_optimizer(critic.module.to(accelerator.device).parameters(), accelerator.device,
+                                    lr=critic.lr, betas=critic.betas)
     ckpt_dir = plan.out_dir / "checkpoints"
 
     state = TrainState(config_digest=plan.run.identity)
     resume_from = latest_checkpoint(ckpt_dir) if plan.resume == "auto" else (
         None if plan.resume == "none" else Path(plan.resume))
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        if state.config_digest != plan.run.identity:
-            raise CheckpointError(  # a UserError: one line, exit 2 (SystemExit gave exit 1)
-                f"checkpoint {resume_from} belongs to another configuration or input data "
-                f"(identity {state.config_digest} != {plan.run.identity}); use a new run_dir or --resume none")
+        # Refuses a checkpoint of another identity (a CheckpointError: one line, exit 2) before loading it.
+        state = load_checkpoint(resume_from, model, optimizer, identity=plan.run.identity,
+                                critic=None if critic is None else (critic.module, critic_opt))
         if accelerator.is_main_process:
             log.info("resumed from %s (step %d)", resume_from, state.step)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if critic is not None:  # critic_net: DDP-wrapped under several processes; critic.module stays the plain one
+        critic_net, critic_opt = accelerator.prepare(critic.module, critic_opt)
     world, rank = accelerator.num_processes, accelerator.process_index
-    saved_world = state.extra.get("world_size")
-    if saved_world is not None and saved_world != world:
-        # Resuming is by global step: with another world size each step takes world x batch samples, so the
-        # data order (and the final weights) differ from an uninterrupted run. Allowed, but never silent.
-        state.extra.setdefault("world_size_changes", []).append({"step": state.step, "from": saved_world,
-                                                                 "to": world})
-        if accelerator.is_main_process:
-            log.warning("%s: resuming at step %d with %d processes, but %s was saved by %d: each step now takes "
-                        "%d x %d samples instead of %d x %d, so the data order differs from an uninterrupted run "
-                        "(recorded as world_size_changes in the manifest)", task.stage, state.step, world,
-                        resume_from, saved_world, world, optim.batch_size, saved_world, optim.batch_size)
-    state.extra["world_size"] = world
-    spe = plan.data.steps_per_epoch(world)
+    num_samples = plan.data.num_samples
+    _note_world_change(state, world, num_samples, resume_from, task.stage, accelerator.is_main_process)
     if accelerator.is_main_process:
-        log.info("%s: %d processes (%s), %d steps/epoch, training to step %d", task.stage, world,
-                 accelerator.distributed_type, spe, optim.max_steps)
+        log.info("%s: %d processes (%s), %d steps/epoch, training to step %d (from epoch %d, sample %d of %d)",
+                 task.stage, world, accelerator.distributed_type, plan.data.steps_per_epoch(world),
+                 optim.max_steps, state.epoch, state.position, num_samples)
 
     logger = RunLogger(plan.out_dir, task.stage, cfg.model_dump(mode="json"),
                        enabled=accelerator.is_main_process, wandb_mode=cfg.wandb, resume_step=state.step)
@@ -193,82 +267,112 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
                desc=task.stage, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
 
     def checkpoint() -> None:
-        state.epoch, state.step_in_epoch = divmod(state.step, spe)
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, state,
-                            keep=plan.keep_checkpoints)
+                            keep=plan.keep_checkpoints, critic=None if critic is None else (critic.module, critic_opt))
         accelerator.wait_for_everyone()
 
     # Throughput since the previous log row (not since start: loader start-up and evaluations would
     # drag a running average down).
     images_seen, bad_samples, t_log, exit_status = 0, 0, time.perf_counter(), 0
-    while state.step < optim.max_steps and exit_status == 0:
-        epoch, start = divmod(state.step, spe)
-        for batch in plan.data.loader(epoch=epoch, start_step=start, rank=rank, world_size=world):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(optim, state.step)
-            model.train()
-            batch = _to_device(batch, accelerator.device)
-            with accelerator.autocast():
-                loss, extras = task.loss(model, batch)
-            if _any_rank(not bool(torch.isfinite(loss.detach()).item()), accelerator.device):
-                last = latest_checkpoint(ckpt_dir)
-                bar.close()  # the error message gets a line of its own
-                raise NonFiniteLossError(
-                    f"{task.stage}: loss became {loss.item()} at step {state.step} on at least one rank; "
-                    f"stopped before updating the weights. Last good checkpoint: {last or 'none'}. "
-                    f"Try a lower learning rate ({task.stage}_train.lr={optim.lr}) or grad_clip.")
-            accelerator.backward(loss)
-            if optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            images_seen += len(batch["label"]) * world
-            bad_samples += len(batch.get("dropped", ()))
-            bar.update(1)
+    # The first non-finite loss (step, value), kept on the device: checked at sync points only, so a step
+    # never waits for the GPU; weights it spoiled are never evaluated or checkpointed.
+    bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+    bad_loss = torch.zeros((), device=accelerator.device)
+    # One loader (and its workers) for the whole run: it streams epoch after epoch from the saved position.
+    # Nothing to read when the checkpoint of the last step is resumed: only the outputs remain to be written.
+    loader = plan.data.loader(epoch=state.epoch, position=state.position, rank=rank, world_size=world) if (
+        state.step < optim.max_steps) else ()
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(optim, state.step)
+        model.train()
+        epoch, after = batch.pop("epoch"), batch.pop("position")
+        state.epoch, state.position = (epoch, after) if after < num_samples else (epoch + 1, 0)
+        batch = plan.data.to_device(batch, accelerator.device)
+        with accelerator.autocast():
+            loss, extras = task.loss(model, batch)
+            if adversarial := critic is not None and state.step >= critic.start_step:
+                loss, extras = task.adversarial_loss(accelerator.unwrap_model(model), critic.module, loss, extras)
+                critic_loss, critic_extras = task.critic_loss(critic_net)
+                extras = {**extras, **critic_extras}
+                # Adds 0 to the model's loss, or the critic's loss when that is not finite: the one non-finite
+                # check below then guards the critic's weights too.
+                loss = loss + torch.where(torch.isfinite(critic_loss.detach()), 0.0, critic_loss.detach())
+        finite = torch.isfinite(loss.detach())
+        first = (bad_step < 0) & ~finite
+        bad_step = torch.where(first, state.step, bad_step)
+        bad_loss = torch.where(first, loss.detach().float(), bad_loss)
+        _update(accelerator, model, optimizer, loss, optim.grad_clip)
+        if adversarial:  # after the model: its adversarial term saw the critic of the previous step
+            for group in critic_opt.param_groups:
+                group["lr"] = learning_rate(optim, state.step) * critic.lr / optim.lr
+            _update(accelerator, critic_net, critic_opt, critic_loss, optim.grad_clip)
+        state.step += 1
+        images_seen += len(batch["label"]) * world
+        bad_samples += len(batch.get("dropped", ()))
+        bar.update(1)
+        if not _sync_point(optim, state.step):
+            continue
 
-            if state.step % optim.log_every == 0 or state.step == optim.max_steps:
-                scalars = {"loss": loss.detach(), **{k: v.detach() for k, v in extras.items()}}
-                means = {k: accelerator.reduce(v.float().reshape(1), "mean").item() for k, v in scalars.items()}
-                elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
-                dropped = accelerator.reduce(torch.tensor([float(bad_samples)], device=accelerator.device), "sum")
-                means |= {"lr": learning_rate(optim, state.step - 1), "epoch": epoch,
-                          "images_per_s": images_seen / max(elapsed, 1e-9), "bad_samples": dropped.item()}
-                images_seen = 0
-                logger.log(state.step, {f"train/{k}": v for k, v in means.items()})
-                bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
-            if state.step % optim.eval_every == 0 or state.step == optim.max_steps:
-                _evaluate(task, accelerator, model, state.step, plan.out_dir, logger)
-            if state.step % optim.checkpoint_every == 0 or state.step == optim.max_steps:
-                checkpoint()
-            if _any_rank(stop.requested, accelerator.device):
-                if state.step % optim.checkpoint_every and state.step != optim.max_steps:
-                    checkpoint()
-                exit_status = stop.exit_status
-                if accelerator.is_main_process:
-                    log.warning("stop requested (%s): checkpoint at step %d saved, exiting %d (%s)",
-                                stop.received or "signal on another rank", state.step, exit_status,
-                                stop.meaning)
-                break
-            if state.step >= optim.max_steps:
-                break
+        stopping = _any_rank(stop.requested, accelerator.device)
+        if _any_rank(bool(bad_step >= 0), accelerator.device):
+            bar.close()  # the error message gets a line of its own
+            raise NonFiniteLossError(
+                f"{task.stage}: loss became {_first_bad(bad_step, bad_loss, accelerator)} on at least one rank; "
+                f"no weights after it were saved. Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none'}. "
+                f"Try a lower learning rate ({task.stage}_train.lr={optim.lr}) or grad_clip.")
+        if state.step % optim.log_every == 0 or state.step == optim.max_steps:
+            scalars = {"loss": loss.detach(), **{k: v.detach() for k, v in extras.items()}}
+            means = {k: accelerator.reduce(v.float().reshape(1), "mean").item() for k, v in scalars.items()}
+            elapsed, t_log = time.perf_counter() - t_log, time.perf_counter()
+            dropped = accelerator.reduce(torch.tensor([float(bad_samples)], device=accelerator.device), "sum")
+            means |= {"lr": learning_rate(optim, state.step - 1), "epoch": epoch,
+                      "images_per_s": images_seen / max(elapsed, 1e-9), "bad_samples": dropped.item()}
+            images_seen = 0
+            logger.log(state.step, {f"train/{k}": v for k, v in means.items()})
+            bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+        if state.step % optim.eval_every == 0 or state.step == optim.max_steps:
+            _evaluate(task, accelerator, model, state.step, plan.out_dir, logger)
+        if state.step % optim.checkpoint_every == 0 or state.step == optim.max_steps or stopping:
+            checkpoint()
+        if stopping:
+            exit_status = stop.exit_status
+            if accelerator.is_main_process:
+                log.warning("stop requested (%s): checkpoint at step %d saved, exiting %d (%s)",
+                            stop.received or "signal on another rank", state.step, exit_status, stop.meaning)
+            break
+        if state.step >= optim.max_steps:
+            break
     bar.close()
 
     if exit_status == 0:
+        _adopt_rank0_batchnorm_stats(accelerator.unwrap_model(model), accelerator)
         digests = _rank_digests(accelerator.unwrap_model(model), accelerator)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"{task.stage}: ranks ended with different weights {digests}; DDP is broken")
+        critic_digests = [] if critic is None else _rank_digests(critic.module, accelerator)
+        for what, found in (("weights", digests), ("critic weights", critic_digests)):
+            if len(set(found)) > 1:
+                raise RuntimeError(f"{task.stage}: ranks ended with different {what} {found}; DDP is broken")
         nodes = _rank_nodes(accelerator)  # a collective: every rank takes part
         if accelerator.is_main_process:
             _write_stage_outputs(accelerator.unwrap_model(model), plan, task.stage, state, {
                 "world_size": world, "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-                "rank_state_digests": digests, "nodes": nodes,
+                "rank_state_digests": digests, **({"rank_critic_digests": critic_digests} if critic else {}),
+                "nodes": nodes,
                 "world_size_changes": state.extra.get("world_size_changes", [])})
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_status
+
+
+def _update(accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+            grad_clip: float) -> None:
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _evaluate(task: TrainTask, accelerator: Accelerator, model: torch.nn.Module, step: int, out_dir: Path,
@@ -281,6 +385,19 @@ def _evaluate(task: TrainTask, accelerator: Accelerator, model: torch.nn.Module,
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, images)
         log.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.wait_for_everyone()
+
+
+def _adopt_rank0_batchnorm_stats(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """BatchNorm running statistics (the seed model's) from rank 0 on every rank. DDP copies rank 0's buffers
+    at the start of each forward, but the last forward then updates each rank's from its own batch, so the
+    ranks would end with different statistics (and fail the digest check below). Only these: every other
+    buffer must already agree, and the digest check is there to catch one that does not."""
+    if accelerator.num_processes == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
 
 
 def state_digest(model: torch.nn.Module) -> str:

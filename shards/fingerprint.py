@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.config import DataConfig
+from runtime.errors import UserError
 from runtime.files import sha256_file
 from runtime.lineage import content_digest
 from runtime.ownership import MARKER
@@ -17,7 +18,14 @@ def input_fingerprint(cfg: DataConfig) -> str:
     if cfg.source == "synthetic":
         return "synthetic"
     images = Path(cfg.isic_images or ".")
-    files = sorted(p for p in images.rglob("*") if p.is_file() and p.name != MARKER) if images.is_dir() else []
+    # Refused here, where the pipeline plans (dry run included), rather than as a data stage failure later.
+    if not images.is_dir():
+        raise UserError(f"data.isic_images={images} is not an existing folder; give the folder of ISIC / "
+                        "HAM10000 images (data.isic_images=DIR)")
+    if cfg.isic_csv is not None and not Path(cfg.isic_csv).is_file():
+        raise UserError(f"data.isic_csv={cfg.isic_csv} is not an existing file; give the metadata CSV "
+                        "(data.isic_csv=CSV), or leave it out for class sub-folders")
+    files = sorted(p for p in images.rglob("*") if p.is_file() and p.name != MARKER)
     return content_digest({
-        "csv": sha256_file(Path(cfg.isic_csv)) if cfg.isic_csv and Path(cfg.isic_csv).is_file() else None,
+        "csv": sha256_file(Path(cfg.isic_csv)) if cfg.isic_csv else None,
         "files": [[str(p.relative_to(images)), sha256_file(p)] for p in files]})

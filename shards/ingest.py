@@ -233,6 +233,19 @@ def ingest(images_dir: Path, csv_path: Path | None) -> Ingested:
     return result
 
 
+def find_images(images_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """Image id (file stem) -> file for every image below ``images_dir``, labels unknown, and what was
+    skipped (other files, ids found twice): for judging a set without a CSV (judge/evaluate.py --images)."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise IngestError(f"images folder {images_dir} does not exist or is not a folder")
+    result = Ingested("unlabelled", f"images in {images_dir}")
+    images = _scan_images(images_dir, result)
+    if not images:
+        raise IngestError(f"no .jpg/.jpeg/.png images found under {images_dir}")
+    return images, result.skipped
+
+
 def summarise(skipped: list[dict[str, str]], show: int = 5) -> str:
     """One line per kind: count and the first few ids, for the console."""
     by_kind: dict[str, list[str]] = defaultdict(list)

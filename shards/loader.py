@@ -16,7 +16,8 @@ import multiprocessing
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from runtime.config import CLASSES, ConfigError, OptimConfig
 from runtime.log import get_logger
@@ -79,6 +81,7 @@ def split_manifest(split_dir: Path) -> dict[str, Any]:
             raise ManifestError(f"{where}: shard name {shard.get('name')!r} is not of the form shard-NNNNNN.tar")
         if not _is_int(shard.get("count"), 0):
             raise ManifestError(f"{where}: {shard['name']} count is {shard.get('count')!r}; expected an integer >= 0")
+        _check_offsets(where, shard)
     total = declared(split_dir, manifest, "num_samples", 0)
     if total != sum(s["count"] for s in shards):
         raise ManifestError(f"{where}: num_samples {total} != {sum(s['count'] for s in shards)}, the sum of its "
@@ -90,6 +93,19 @@ def split_manifest(split_dir: Path) -> dict[str, Any]:
     if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(_is_int(g, 1) for g in grid)):
         raise ManifestError(f"{where}: grid is {grid!r}; expected [rows, columns], two integers >= 1")
     return manifest
+
+
+def _check_offsets(where: Path, shard: dict[str, Any]) -> None:
+    """The shard's sample index: count + 1 increasing byte offsets inside the shard's declared size."""
+    offsets, name = shard.get("offsets"), shard["name"]
+    if offsets is None:
+        raise ManifestError(f"{where}: {name} has no sample index (offsets): written by an older lesion-vq. "
+                            "Re-make the folder (python launch/pipeline.py --from STAGE, or python -m shards pack)")
+    if not (isinstance(offsets, list) and len(offsets) == shard["count"] + 1 and all(_is_int(o, 0) for o in offsets)
+            and all(a < b for a, b in pairwise(offsets)) and _is_int(shard.get("bytes"), 0)
+            and (not offsets or offsets[-1] <= shard["bytes"])):
+        raise ManifestError(f"{where}: {name} offsets are not {shard['count'] + 1} increasing byte offsets within "
+                            "its size (a hand-edited or foreign manifest?)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,9 @@ class ImageDecoder:
     image_size: int = 0
     augment: bool = False
     seed: int = 0
+    defer: bool = False
+    """Hand over the encoded image and its augmentation draws instead of pixels: the training process
+    decodes whole batches on its device (:func:`decode_on_device`), where a GPU does it far faster."""
     allowed: frozenset[str] = frozenset({"jpg", "jpeg", "png", "cls", "json"})
 
     def for_split(self, split_dir: Path, manifest: dict[str, Any]) -> ImageDecoder:
@@ -118,8 +137,9 @@ class ImageDecoder:
         return replace(self, image_size=size)
 
     def empty(self) -> dict[str, torch.Tensor]:
-        return {"image": torch.empty(0, 3, self.image_size, self.image_size),
-                "label": torch.empty(0, dtype=torch.long)}
+        pixels = {"augment": torch.empty(0, 3)} if self.defer else {
+            "image": torch.empty(0, 3, self.image_size, self.image_size)}
+        return {**pixels, "label": torch.empty(0, dtype=torch.long)}
 
     def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict[str, Any]:
         data = members.get("jpg") or members.get("jpeg") or members.get("png")
@@ -127,38 +147,69 @@ class ImageDecoder:
             raise ValueError(f"needs an image (jpg/png) and cls member; has {sorted(members)}")
         label = class_label(members["cls"])
         # PIL rather than torchvision.io (deprecated since torchvision 0.29); both use libjpeg-turbo.
+        # Image.open reads the header only: a deferred sample is checked without decoding its pixels.
         img = Image.open(io.BytesIO(data))
         if img.size != (self.image_size, self.image_size):
             raise SampleRefused(f"image is {img.size[0]}x{img.size[1]}, but the split holds "
                                 f"{self.image_size}x{self.image_size} images (its manifest)")
         if img.mode != "RGB":  # packing stores RGB JPEGs; converting here would guess what the values mean
             raise SampleRefused(f"pixel format {img.mode!r} is not 8-bit RGB")
-        image = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: a writable copy
-        if self.augment:
-            image = self._augment(image, torch_generator(self.seed, "augment", epoch, key))
+        draws = augment_draws(torch_generator(self.seed, "augment", epoch, key)) if self.augment else torch.zeros(3)
+        if self.defer:  # a numpy array, not a tensor: images differ in length, so collate keeps a list
+            return {"encoded": np.frombuffer(bytearray(data), np.uint8), "augment": draws, "label": label, "key": key}
+        image = apply_augment(torch.from_numpy(np.array(img)).permute(2, 0, 1), draws)  # np.array: writable copy
         return {"image": image.float().div_(255.0), "label": label, "key": key}
 
-    @staticmethod
-    def _augment(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        # RandomRotation(30) (nearest, zero fill, as torchvision's default) + both flips at p=0.5.
-        angle = float(torch.empty(1).uniform_(-30.0, 30.0, generator=gen))
-        hflip, vflip = torch.rand(2, generator=gen) < 0.5
+
+def augment_draws(gen: torch.Generator) -> torch.Tensor:
+    """[angle, horizontal flip, vertical flip] of the report's RandomRotation(30) + both flips at p=0.5,
+    drawn from a generator seeded by (seed, epoch, key): the same whichever rank, worker or device applies it."""
+    angle = torch.empty(1).uniform_(-30.0, 30.0, generator=gen)
+    return torch.cat([angle, (torch.rand(2, generator=gen) < 0.5).float()])
+
+
+def apply_augment(image: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """One uint8 C x H x W image (CPU or GPU) rotated (nearest, zero fill, as torchvision's default) and flipped."""
+    angle, hflip, vflip = draws.tolist()
+    if angle:
         image = TF.rotate(image, angle)
-        if hflip:
-            image = TF.horizontal_flip(image)
-        if vflip:
-            image = TF.vertical_flip(image)
-        return image
+    if hflip:
+        image = TF.horizontal_flip(image)
+    if vflip:
+        image = TF.vertical_flip(image)
+    return image
 
 
-def _loader(stream: ShardStream, num_workers: int) -> DataLoader:
+def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: int) -> dict[str, Any]:
+    """A deferred batch (ImageDecoder(defer=True)) as the usual ``image`` float batch on ``device``: JPEGs are
+    decoded in one batched call there (nvJPEG on a GPU), anything else on the CPU, then augmented there."""
+    encoded = [torch.as_tensor(e) for e in batch.pop("encoded", [])]  # the DataLoader may have converted them
+    draws = batch.pop("augment")
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    jpegs = [i for i, e in enumerate(encoded) if e[:2].tolist() == [0xFF, 0xD8]]
+    if jpegs:
+        decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        for i, image in zip(jpegs, decoded, strict=True):
+            images[i] = image
+    pixels = [apply_augment(image if image is not None else decode_image(e, mode=ImageReadMode.RGB).to(device), d)
+              for image, e, d in zip(images, encoded, draws, strict=True)]
+    stacked = torch.stack(pixels) if pixels else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8,
+                                                             device=device)
+    return {**batch, "image": stacked.float().div_(255.0)}
+
+
+def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
     # batch_size=None: each worker yields whole batches; the DataLoader's in-order round robin over
-    # workers then returns them in step order (worker w owns local steps w, w+K, ...).
-    # Fork where available, even inside spawned DDP processes: workers are recreated every epoch
-    # and a spawned worker spends seconds re-importing torch; they never touch CUDA.
+    # workers then returns them in step order (worker w owns the rank's batches w, w+K, ...).
+    # Fork where available, even inside spawned DDP processes: a spawned worker spends seconds
+    # re-importing torch; workers never touch CUDA. A training stream runs epoch after epoch, so its
+    # workers live as long as the run. Pinned memory lets the host-to-GPU copy run asynchronously.
     context = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
+    # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and a resumed
+    # run (one loader, created at the resume) would then carry another global RNG state than an unbroken one.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=context,
-                      persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch_factor if num_workers else None,
+                      generator=torch.Generator().manual_seed(stream.seed))
 
 
 def _stream(split_dir: Path, decode: SampleDecoder, batch_size: int,
@@ -166,26 +217,26 @@ def _stream(split_dir: Path, decode: SampleDecoder, batch_size: int,
     """A stream over the split's shards, its decoder bound to what the split's (checked) manifest declares."""
     manifest = split_manifest(split_dir)
     decode = decode.for_split(Path(split_dir), manifest)
-    return ShardStream(shard_paths(split_dir), [s["count"] for s in manifest["shards"]], manifest["num_samples"],
-                       batch_size, decode, collate_fn or partial(collate, empty=decode.empty()), **options)
+    return ShardStream(shard_paths(split_dir), [s["offsets"] for s in manifest["shards"]], batch_size, decode,
+                       collate_fn or partial(collate, empty=decode.empty()), **options)
 
 
 def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
-                      start_step: int = 0, num_workers: int = 0, augment: bool = True,
-                      image_size: int | None = None, shuffle_buffer: int = 256,
+                      position: int = 0, epochs: int | None = 1, num_workers: int = 0, prefetch_factor: int = 2,
+                      augment: bool = True, image_size: int | None = None, shuffle_buffer: int = 256,
                       decode: SampleDecoder | None = None,
                       collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> DataLoader:
-    """This rank's batches for one epoch, starting at ``start_step`` (to resume mid-epoch).
+    """This rank's batches from ``position`` (samples of ``epoch`` already consumed by all ranks) on, for
+    ``epochs`` epochs (None: until the consumer stops).
 
-    Yields exactly ``steps_per_epoch(num_samples, batch_size, world_size) - start_step`` batches
-    on every rank. ``image_size`` (default: the split's) must be the size the split was packed at.
-    ``decode``/``collate_fn`` replace the image decoding for other sample kinds (e.g. code shards);
-    the distribution is the same.
+    Every rank gets the same number of batches, whatever the world size the position was reached with.
+    ``image_size`` (default: the split's) must be the size the split was packed at. ``decode``/``collate_fn``
+    replace the image decoding for other sample kinds (e.g. code shards); the distribution is the same.
     """
     stream = _stream(split_dir, decode or ImageDecoder(image_size or 0, augment, seed), batch_size, collate_fn,
-                     rank=rank, world_size=world_size, epoch=epoch, seed=seed, start_step=start_step,
+                     rank=rank, world_size=world_size, epoch=epoch, position=position, epochs=epochs, seed=seed,
                      shuffle=True, shuffle_buffer=shuffle_buffer)
-    return _loader(stream, num_workers)
+    return _loader(stream, num_workers, prefetch_factor)
 
 
 def make_eval_loader(split_dir: Path, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -215,11 +266,31 @@ class ShardTrainData:
     def steps_per_epoch(self, world_size: int) -> int:
         return steps_per_epoch(self.num_samples, self.optim.batch_size, world_size)
 
-    def loader(self, *, epoch: int, start_step: int, rank: int, world_size: int) -> DataLoader:
+    def loader(self, *, epoch: int, position: int, rank: int, world_size: int) -> DataLoader:
         o = self.optim
         return make_train_loader(self.train_split, batch_size=o.batch_size, rank=rank, world_size=world_size,
-                                 epoch=epoch, seed=o.seed, start_step=start_step, num_workers=o.num_workers,
-                                 augment=o.augment, shuffle_buffer=o.shuffle_buffer, decode=self.decode)
+                                 epoch=epoch, seed=o.seed, position=position, epochs=None,
+                                 num_workers=o.num_workers, prefetch_factor=o.prefetch_factor, augment=o.augment,
+                                 shuffle_buffer=o.shuffle_buffer,
+                                 decode=self.decode or ImageDecoder(augment=o.augment, seed=o.seed,
+                                                                    defer=self._deferred))
+
+    @cached_property
+    def _image_size(self) -> int:
+        return int(read_manifest(self.train_split)["image_size"])
+
+    @property
+    def _deferred(self) -> bool:
+        return self.optim.decode_on == "device" or (self.optim.decode_on == "auto" and torch.cuda.is_available())
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """A batch of :meth:`loader` on the training device: pinned tensors copied asynchronously, images
+        channels-last on a GPU (faster convolutions), deferred images decoded there."""
+        if "augment" in batch:
+            batch = decode_on_device(batch, device, self._image_size)
+        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        return {k: v.to(device, non_blocking=True, memory_format=layout if v.dim() == 4 else torch.preserve_format)
+                if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def check(self, world_size: int) -> None:
         """Refuse shards that are missing, truncated or modified since packing (sha256 against the manifests,

@@ -7,10 +7,13 @@ stage finished.
 
 from __future__ import annotations
 
+import tarfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from webdataset.tariterators import base_plus_ext
 
 from runtime.files import sha256_file
 from runtime.stages import ManifestError, stage
@@ -19,8 +22,8 @@ from runtime.stages import read_manifest as _read
 FORMAT = stage("data").manifest_format
 CODE_FORMAT = stage("encode").manifest_format
 """Code shards (vqvae/encode.py) share the split layout, so the same loader and checks read them."""
-__all__ = ["CODE_FORMAT", "FORMAT", "ManifestError", "describe_shard", "read_manifest", "shard_paths",
-           "verify_shards"]
+__all__ = ["CODE_FORMAT", "FORMAT", "ManifestError", "describe_shard", "read_manifest", "sample_offsets",
+           "shard_paths", "verify_shards"]
 
 
 def tool_version() -> str:
@@ -44,8 +47,29 @@ def shard_paths(split_dir: Path) -> list[Path]:
     return [Path(split_dir) / s["name"] for s in read_manifest(split_dir)["shards"]]
 
 
+def sample_offsets(path: Path) -> list[int]:
+    """Byte offset where each sample of a tar shard starts, plus the end of the last one: sample i is the
+    byte range ``[offsets[i], offsets[i + 1])`` (its members' headers and data). Readers seek straight to
+    their own samples with it (shards/stream.py) instead of parsing every shard."""
+    offsets: list[int] = []
+    key = None
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            base, _ = base_plus_ext(info.name)
+            if base != key:  # webdataset groups consecutive members with the same key into one sample
+                offsets.append(info.offset)  # header offset (a GNU/pax long-name header included)
+                key = base
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return [*offsets, end] if offsets else [0]
+
+
 def describe_shard(path: Path, count: int) -> dict[str, Any]:
-    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """A split manifest's entry for one shard: name, samples, size, sha256 and the sample index."""
+    offsets = sample_offsets(path)
+    if len(offsets) != count + 1:
+        raise ManifestError(f"{path}: holds {len(offsets) - 1} samples, but {count} were written")
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            "offsets": offsets}
 
 
 def verify_shards(split_dir: Path) -> list[str]:

@@ -1,36 +1,50 @@
-"""Exactly-once, equal-steps distribution of shard samples over DDP ranks and DataLoader workers.
+"""Exactly-once, equal-steps distribution of indexed shard samples over DDP ranks and DataLoader workers.
 
-Why not webdataset's ``split_by_node``/``split_by_worker``: splitting *shards* over ranks gives
-ranks different sample counts when shards are uneven, so DDP ranks would run different numbers
-of steps (and hang in the all-reduce). Instead every reader (rank r of W, worker w of K) reads
-ALL shards in one seeded order and applies one seeded shuffle buffer, so all readers see the same
-global sequence; sample i goes to global step ``i // (W*B)`` and rank ``(i % (W*B)) % W``, and
-worker w of a rank builds the batches whose local step index is ``w (mod K)``. The loader must
-therefore never be passed to ``accelerate.prepare()`` (it would split a second time).
+Every split manifest lists, per shard, the byte offset where each sample starts (``offsets``, written
+when the shard is made: shards.manifest.describe_shard). An epoch's global order is a pure function of
+(seed, epoch, the split's sample counts): shards shuffled, blocks of consecutive samples shuffled within
+each shard, then positions shuffled within windows of ``shuffle_buffer``. Nothing in it depends on the
+number of processes, so a run resumed with another world size continues the same epoch from its
+*position* (samples of the epoch already consumed) without repeating or skipping a sample.
 
-Filtering (rank, worker, ``start_step``) happens on raw tar bytes, before any decoding. Nothing
-in a shard is ever unpickled: a sample is decoded only by the caller's ``decode`` function and
-only if all its members have extensions the decoder declares; others are refused and counted.
+From position p, each step takes the next ``world * batch_size`` positions (the last step of the epoch
+takes the rest, so no rank ever gets an empty batch); rank r takes the r-th contiguous slice of them,
+and worker w of a rank builds that rank's batches k = w (mod K). Each reader seeks to exactly its own
+samples (``os.pread`` of their byte ranges), so it reads its share of the bytes, never the whole data
+set; its slice of a step comes from one or two nearby stretches of a shard (the blocks and windows
+keep locality for parallel file systems). A stream may run several epochs back to back, so a training
+run keeps one DataLoader and its workers for its whole life.
+
+The loader must never be passed to ``accelerate.prepare()`` (it would split a second time). Nothing in
+a shard is ever unpickled: a sample is decoded only by the caller's ``decode`` function and only if all
+its members have extensions the decoder declares; others are refused and counted.
 """
 
 from __future__ import annotations
 
-import random
+import io
+import os
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext
 
 from runtime.log import get_logger
 from runtime.seeding import derive_seed
 from shards.images import key_problem
 
 log = get_logger(__name__)
+
+BLOCK = 16
+"""Consecutive samples of a shard that stay together in the shuffled order: a reader's samples of one
+step then come from a few stretches of a shard instead of scattered 10 KB reads."""
 
 
 class SampleRefused(ValueError):
@@ -68,108 +82,142 @@ def steps_per_epoch(num_samples: int, batch_size: int, world: int) -> int:
     return full + (rest >= world)
 
 
-def assign(index: int, steps: int, batch_size: int, world: int) -> tuple[int, int]:
-    """(global step, rank) of sample ``index`` of the epoch's global order."""
+def epoch_steps(position: int, num_samples: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` positions of the epoch order each remaining step covers, from ``position`` on."""
+    steps = steps_per_epoch(num_samples - position, batch_size, world)
     per_step = world * batch_size
-    return min(index // per_step, steps - 1), (index % per_step) % world
+    bounds = [(position + s * per_step, position + (s + 1) * per_step) for s in range(steps)]
+    bounds[-1] = (bounds[-1][0], num_samples)  # the last step takes the rest (see steps_per_epoch)
+    return bounds
 
 
-def _shuffled(samples: Iterator[dict[str, Any]], buffer: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Seeded shuffle buffer (identical output on every reader given the same rng seed)."""
-    pool: list[dict[str, Any]] = []
-    for sample in samples:
-        if len(pool) < buffer:
-            pool.append(sample)
-            continue
-        j = rng.randrange(len(pool))
-        yield pool[j]
-        pool[j] = sample
-    rng.shuffle(pool)
-    yield from pool
+def rank_slice(start: int, end: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of one step's positions (sizes differ by at most one)."""
+    n = end - start
+    return range(start + rank * n // world, start + (rank + 1) * n // world)
+
+
+def epoch_order(counts: list[int], seed: int, epoch: int, window: int, block: int = BLOCK) -> np.ndarray:
+    """Global sample ids (shard-major numbering) in this epoch's order; the same for every world size."""
+    rng = np.random.default_rng(derive_seed(seed, "order", epoch))
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pieces = []
+    for shard in rng.permutation(len(counts)):
+        block_starts = np.arange(0, counts[shard], block)
+        for b in rng.permutation(len(block_starts)):
+            lo = firsts[shard] + block_starts[b]
+            pieces.append(np.arange(lo, min(lo + block, firsts[shard] + counts[shard])))
+    order = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    windows = np.arange(len(order)) // window
+    return order[np.lexsort((rng.random(len(order)), windows))]  # a random permutation within each window
+
+
+def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
+    """(key, members) of one sample's tar bytes; raises ValueError for anything but regular files of one key."""
+    key, members = None, {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            base, ext = base_plus_ext(info.name)
+            if not info.isreg() or base is None:  # a link or device member: never followed or read
+                raise SampleRefused(f"member {info.name[:80]!r} is not a regular file named KEY.EXT")
+            if key not in (None, base):
+                raise ValueError(f"members of two samples ({key!r}, {base!r}) in one index entry")
+            key = base
+            members[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
+    if key is None:
+        raise ValueError("no member")
+    return key, members
 
 
 @dataclass
 class ShardStream(IterableDataset):
-    """Yields this reader's whole batches (already collated) in step order. See module docstring."""
+    """Yields this reader's whole batches (already collated) in step order. See module docstring.
+
+    Each batch also carries ``epoch`` and ``position`` (samples of that epoch consumed once this step is
+    done, by all ranks together), which is what a checkpoint records to resume exactly there."""
 
     shards: list[Path]
-    shard_counts: list[int]  # samples per shard from the manifest: detects silently truncated tars
-    num_samples: int
+    offsets: list[list[int]]  # per shard: each sample's first byte, then the end of the last sample
     batch_size: int
     decode: SampleDecoder
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
+    position: int = 0
+    epochs: int | None = 1  # None: epoch after epoch, until the consumer stops
     seed: int = 0
-    start_step: int = 0
     shuffle: bool = True
     shuffle_buffer: int = 256
     max_batches: int | None = None
     stats: Counter[str] = field(default_factory=Counter)  # per process: bad samples by reason
+    bytes_read: int = 0  # per process: shard bytes this reader read (bench scaling)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
-        self.steps = steps_per_epoch(self.num_samples, self.batch_size, self.world_size)
-        if not 0 <= self.start_step <= self.steps:
-            raise ValueError(f"start_step {self.start_step} is outside 0..{self.steps} (steps in this epoch)")
-        end = self.steps if self.max_batches is None else min(self.steps, self.start_step + self.max_batches)
-        self.end_step = end
+        counts = [len(o) - 1 for o in self.offsets]
+        self.num_samples = sum(counts)
+        if not 0 <= self.position < self.num_samples:
+            raise ValueError(f"position {self.position} is outside 0..{self.num_samples - 1} (samples in an epoch)")
+        steps_per_epoch(self.num_samples, self.batch_size, self.world_size)  # refuses fewer samples than ranks
+        self._counts = counts
+        self._shard_of = np.repeat(np.arange(len(counts)), counts)
+        self._begin = np.concatenate([np.asarray(o[:-1], np.int64) for o in self.offsets])
+        self._end = np.concatenate([np.asarray(o[1:], np.int64) for o in self.offsets])
 
     def __len__(self) -> int:
-        return self.end_step - self.start_step
+        if self.epochs is None:
+            raise TypeError("an open-ended stream (epochs=None) has no length")
+        return sum(1 for _ in self._steps())
 
-    def _handler(self, err: Exception) -> bool:
-        """webdataset error hook: count and log damaged tar data, then carry on with the next shard."""
-        self.stats["tar_error"] += 1
-        log.warning("damaged shard data skipped (%s: %s)", type(err).__name__, str(err)[:200])
-        return True
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return epoch_order(self._counts, self.seed, epoch, self.shuffle_buffer)
 
-    def _counted(self, samples: Iterator[dict[str, Any]], expected: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """Pass samples through; report shards that yield fewer samples than the manifest says
-        (Python's tarfile treats a tar cut at a member boundary as a normal end of file)."""
-        seen: dict[str, int] = dict.fromkeys(expected, 0)
-        for sample in samples:
-            seen[sample["__url__"]] = seen.get(sample["__url__"], 0) + 1
-            yield sample
-        for url, count in seen.items():
-            if count < expected.get(url, 0):
-                self._handler(EOFError(f"{url} ended after {count} of {expected[url]} samples (truncated?)"))
+    def _steps(self) -> Iterator[tuple[int, range, int]]:
+        """(epoch, this rank's positions, epoch position after the step) for every step of the stream."""
+        epoch, position, emitted = self.epoch, self.position, 0
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            if self.num_samples - position < self.world_size:
+                # Only after resuming with more processes than the epoch has samples left: they cannot all
+                # get one, so this epoch ends here (the next starts in full). Said, never silent.
+                log.warning("epoch %d: the last %d sample(s) are skipped: fewer than the %d processes resumed "
+                            "with", epoch, self.num_samples - position, self.world_size)
+            else:
+                for start, end in epoch_steps(position, self.num_samples, self.batch_size, self.world_size):
+                    if self.max_batches is not None and emitted >= self.max_batches:
+                        return
+                    emitted += 1
+                    yield epoch, rank_slice(start, end, self.rank, self.world_size), end
+            epoch, position = epoch + 1, 0
 
-    def _raw(self) -> Iterator[dict[str, Any]]:
-        """The epoch's global sample order, as raw bytes (identical on every reader)."""
-        shards = [str(p) for p in self.shards]
-        if self.shuffle:
-            random.Random(derive_seed(self.seed, "shards", self.epoch)).shuffle(shards)
-        expected = {str(p): n for p, n in zip(self.shards, self.shard_counts, strict=True)}
-        samples = self._counted(tarfile_samples(({"url": url} for url in shards), handler=self._handler), expected)
-        if self.shuffle:
-            samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed(self.seed, "buffer",
-                                                                                       self.epoch)))
-        return samples
+    def _read(self, files: dict[int, int], sample: int) -> dict[str, Any] | str:
+        """One sample's raw members (plus ``__key__``/``__url__``), or why it could not be read."""
+        shard = int(self._shard_of[sample])
+        begin, end = int(self._begin[sample]), int(self._end[sample])
+        url = str(self.shards[shard])
+        try:
+            if shard not in files:
+                files[shard] = os.open(url, os.O_RDONLY)
+            data = os.pread(files[shard], end - begin, begin)
+            self.bytes_read += len(data)
+            if len(data) != end - begin:
+                raise EOFError(f"{url} ends at byte {begin + len(data)}, inside a sample its manifest indexes "
+                               f"at {begin}..{end} (truncated?)")
+            key, members = parse_sample(data)
+        except SampleRefused as err:
+            self.stats["bad_sample"] += 1
+            log.warning("sample %d of %s dropped: %s", sample, url, err)
+            return f"refused: {err}"
+        except (OSError, EOFError, ValueError, tarfile.TarError) as err:
+            self.stats["tar_error"] += 1
+            log.warning("damaged shard data skipped (%s: %s)", type(err).__name__, str(err)[:200])
+            return f"unreadable ({type(err).__name__})"
+        return {"__key__": key, "__url__": url, **members}
 
-    def _mine(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        """(step, raw sample) for this reader, plus (step, None) so that empty steps still appear."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        last = self.start_step - 1
-        for index, sample in enumerate(self._raw()):
-            step, rank = assign(index, self.steps, self.batch_size, self.world_size)
-            if step >= self.end_step:
-                break
-            if rank != self.rank or step < self.start_step or (step - self.start_step) % workers != worker:
-                continue
-            for missing in range(last + 1, step):  # damaged data left a step of ours with no sample
-                if (missing - self.start_step) % workers == worker:
-                    yield missing, None
-            last = step
-            yield step, sample
-        for missing in range(last + 1, self.end_step):
-            if (missing - self.start_step) % workers == worker:
-                yield missing, None
-
-    def _decoded(self, sample: dict[str, Any]) -> dict[str, Any] | str:
+    def _decoded(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | str:
         """The decoded sample, or the reason it was refused."""
         key = sample["__key__"]
         if key_problem(key):  # '../x', '/abs', 'a/b': never produced by packing; refuse, never pass on
@@ -179,35 +227,42 @@ class ShardStream(IterableDataset):
         if refused:
             return f"refused member extension(s) {refused} (never unpickled; allowed: {sorted(self.decode.allowed)})"
         try:
-            return self.decode(key, members, self.epoch)
+            return self.decode(key, members, epoch)
         except SampleRefused as err:
             return f"refused: {err}"
         except Exception as err:  # any undecodable sample is dropped and reported, never fatal
             return f"cannot decode ({type(err).__name__}: {err})"
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        step, batch, dropped = None, [], []
-        for sample_step, sample in self._mine():
-            if sample_step != step and step is not None:
-                yield self._emit(batch, dropped)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        files: dict[int, int] = {}
+        order_of: tuple[int, np.ndarray] | None = None
+        try:
+            for index, (epoch, positions, after) in enumerate(self._steps()):
+                if index % workers != worker:
+                    continue
+                if order_of is None or order_of[0] != epoch:
+                    order_of = (epoch, self._order(epoch))
+                order = order_of[1]
                 batch, dropped = [], []
-            step = sample_step
-            if sample is None:
-                continue
-            decoded = self._decoded(sample)
-            if isinstance(decoded, str):
-                self.stats["bad_sample"] += 1
-                log.warning("sample %s in %s dropped: %s", sample["__key__"], sample.get("__url__"), decoded)
-                dropped.append(f"{sample['__key__']}: {decoded}")
-            else:
-                batch.append(decoded)
-        if step is not None:
-            yield self._emit(batch, dropped)
-
-    def _emit(self, batch: list[dict[str, Any]], dropped: list[str]) -> dict[str, Any]:
-        out = self.collate(batch)
-        out["dropped"] = dropped  # bad samples of this batch, so training can sum them across workers
-        return out
+                for sample in order[positions.start:positions.stop]:
+                    raw = self._read(files, int(sample))
+                    decoded = self._decoded(raw, epoch) if isinstance(raw, dict) else raw
+                    if isinstance(decoded, str):
+                        name = raw["__key__"] if isinstance(raw, dict) else f"sample {int(sample)}"
+                        if isinstance(raw, dict):  # unreadable or refused raw data was counted by _read
+                            self.stats["bad_sample"] += 1
+                            log.warning("sample %s in %s dropped: %s", name, raw.get("__url__"), decoded)
+                        dropped.append(f"{name}: {decoded}")
+                    else:
+                        batch.append(decoded)
+                out = self.collate(batch)
+                out |= {"dropped": dropped, "epoch": epoch, "position": after}
+                yield out
+        finally:
+            for fd in files.values():
+                os.close(fd)
 
 
 def collate(samples: list[dict[str, Any]], empty: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "wandb=disabled",
     "data.num_images=96", "data.image_size=32", "data.shard_max_count=20", "data.workers=1",
-    "vqvae.channels=[16,32]", "vqvae.res_blocks=1", "vqvae.codebook_size=32", "vqvae.code_dim=16",
+    "vqvae.channels=[16,32]", "vqvae.res_blocks=1", "vqvae.quantizer.codebook_size=32", "vqvae.code_dim=16",
     "vqvae_train.batch_size=8", "vqvae_train.max_steps=20", "vqvae_train.checkpoint_every=5",
     "vqvae_train.eval_every=10", "vqvae_train.eval_batches=2", "vqvae_train.log_every=5",
     "vqvae_train.num_workers=0", "vqvae_train.warmup_steps=0",

@@ -19,7 +19,10 @@ EXPECTED = {
     "data": {"decode+transform limit, 1 process", "shard loader, 1 worker", "shard loader, 2 workers",
              "ImageFolder 600x450 JPEGs, 2 workers", "shard loader, 2 workers (vs folder)",
              "PIL decode, original 600x450", "PIL decode, stored 64 px"},
-    "train": {"report loop (Dataset over 600x450 JPEGs)", "ours (runtime.trainer, seed preset, shards)"},
+    "scaling": {*(f"world {w}: samples/s per reader" for w in (1, 4, 16, 64)),
+                *(f"world {w}: bytes read per reader / (data set / readers)" for w in (1, 4, 16, 64))},
+    "train": {"report loop (Dataset over 600x450 JPEGs)", "ours (runtime.trainer, seed preset, shards)",
+              "step only, inputs resident on the device (ceiling)", "ours vs the ceiling"},
     "ddp": {"1 process, 1 thread", "2 processes x 1 thread"},
     "encode": {"tiny, batch 1", "tiny, batch 4", "tiny, batch 16", "tiny, batch 64"},
     "sample": {"tiny, batch 1", "tiny, batch 4", "tiny, batch 32"},
@@ -65,6 +68,8 @@ def test_quick_run_numbers_are_positive_with_ratios(quick_run: tuple[Path, dict[
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         if row["name"] == row["baseline"]:
             assert row["ratio"] == pytest.approx(1.0)
+        if row["bench"] == "scaling" and row["unit"] == "x share":  # a fact, not a speed: each reader its share
+            assert row["value"] <= 1.1, row
 
 
 def test_ratios_divide_by_the_named_baseline_of_the_same_bench() -> None:

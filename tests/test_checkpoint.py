@@ -30,12 +30,12 @@ def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimi
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path: Path) -> None:
     model, optimizer = _model_and_optimizer(0)
-    save_checkpoint(tmp_path, model, optimizer, TrainState(step=7, epoch=1, step_in_epoch=2, config_digest="abc"))
+    save_checkpoint(tmp_path, model, optimizer, TrainState(step=7, epoch=1, position=40, config_digest="abc"))
     expected_draw = torch.rand(3)
 
     other, other_opt = _model_and_optimizer(1)
     state = load_checkpoint(latest_checkpoint(tmp_path), other, other_opt)
-    assert (state.step, state.epoch, state.step_in_epoch, state.config_digest) == (7, 1, 2, "abc")
+    assert (state.step, state.epoch, state.position, state.config_digest) == (7, 1, 40, "abc")
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])

@@ -13,9 +13,13 @@ from runtime.config import PRESETS, ConfigError, build_config, load_config, save
 REPO = Path(__file__).resolve().parents[1]
 
 
+PRESET_PATHS = {"ham128": ["data.isic_images=/data/images", "data.isic_csv=/data/meta.csv"]}
+"""What a preset needs from the user (real-data presets: where the images are)."""
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_is_valid(preset: str) -> None:
-    cfg = build_config(preset)
+    cfg = build_config(preset, PRESET_PATHS.get(preset, []))
     assert cfg.preset == preset
     assert cfg.data.image_size % cfg.downsample_factor == 0
 
@@ -24,9 +28,26 @@ def test_seed_preset_is_the_report() -> None:
     cfg = build_config("seed")
     assert cfg.data.image_size == 256
     assert cfg.vqvae.arch == "seed" and cfg.vqvae.channels == [32, 64, 128, 256, 256]
-    assert (cfg.vqvae.codebook_size, cfg.vqvae.code_dim, cfg.vqvae.commitment) == (512, 64, 0.25)
+    assert cfg.vqvae.quantizer.kind == "loss" and cfg.vqvae.code_dim == 64
+    assert (cfg.vqvae.quantizer.codebook_size, cfg.vqvae.quantizer.commitment) == (512, 0.25)
     assert (cfg.vqvae_train.lr, cfg.vqvae_train.batch_size) == (1e-3, 16)
     assert (cfg.prior.arch, cfg.prior.filters, cfg.prior.layers, cfg.prior.kernel_size) == ("pixelcnn", 120, 8, 7)
+
+
+def test_ham128_preset_is_real_data_at_128_px(tmp_path: Path) -> None:
+    cfg = build_config("ham128", PRESET_PATHS["ham128"])
+    assert (cfg.data.source, cfg.data.image_size, str(cfg.data.isic_images)) == ("isic", 128, "/data/images")
+    assert cfg.data.image_size // cfg.downsample_factor == 16  # the 16x16 code grid of the 256-px presets
+    assert cfg.prior.arch == "transformer" and cfg.prior.conditional
+    with pytest.raises(ConfigError, match=r"data\.source=isic needs data\.isic_images"):
+        build_config("ham128")
+    for given, named in ((["data.isic_images=/nope"], "data.isic_images=/nope is not an existing folder"),
+                         ([f"data.isic_images={tmp_path}", "data.isic_csv=/nope.csv"], "data.isic_csv=/nope.csv")):
+        result = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", "--dry-run",
+                                 f"run_dir={tmp_path / 'run'}", *given], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and named in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_overrides_are_typed_and_nested() -> None:
@@ -40,10 +61,10 @@ def test_overrides_are_typed_and_nested() -> None:
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("vqvae_train.batch_size=0", "vqvae_train.batch_size: Input should be greater than 0"),
-    ("vqvae.codebook_size=1", "vqvae.codebook_size: Input should be greater than or equal to 2"),
+    ("vqvae.quantizer.codebook_size=1", "vqvae.quantizer.ema.codebook_size: Input should be greater than or equal"),
     ("vqvae_train.lr=fast", "vqvae_train.lr: Input should be a valid number"),
     ("data.image_size=70", "not divisible by the VQ-VAE down-sampling factor 4"),
-    ("vqvae.quantizer=kmeans", "vqvae.quantizer: Input should be 'loss' or 'ema'"),
+    ("vqvae.quantizer.kind=kmeans", "vqvae.quantizer.kind: unknown kind 'kmeans'; allowed: ema, loss, fsq"),
     ("vqvae.nope=1", "unknown config key 'vqvae.nope': 'nope' is not in vqvae; allowed: arch, channels"),
     ("nope.x=1", "'nope' is not in the top level; allowed:"),
     ("batch_size", "is not of the form key=value"),
@@ -55,7 +76,7 @@ def test_bad_values_name_the_key(override: str, expected: str) -> None:
 
 
 def test_unknown_preset() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'tiny'; allowed: smoke, seed, improved"):
+    with pytest.raises(ConfigError, match="unknown preset 'tiny'; allowed: smoke, seed, improved, ham128"):
         build_config("tiny")
 
 

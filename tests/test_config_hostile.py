@@ -44,7 +44,7 @@ def _refused(*overrides: str) -> str:
     ("vqvae_train.lr=1e309", "vqvae_train.lr"),  # JSON 1e309 is inf
     ("sample.temperature=Infinity", "sample.temperature"),
     ("prior_train.weight_decay=NaN", "prior_train.weight_decay"),
-    ("vqvae.commitment=inf", "vqvae.commitment"),  # not JSON: pydantic would parse the string
+    ("vqvae.quantizer.commitment=inf", "vqvae.quantizer.ema.commitment"),  # not JSON: pydantic would parse it
     ("prior_train.grad_clip=-Infinity", "prior_train.grad_clip"),
 ])
 def test_non_finite_floats_are_refused(override: str, key: str) -> None:
@@ -124,8 +124,9 @@ def test_cluster_setup_entries_are_single_lines() -> None:
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    # Code grids are stored as int16: a larger codebook would wrap its indices around.
-    ("vqvae.codebook_size=40000", "vqvae.codebook_size: Input should be less than or equal to 32768"),
+    # The prior predicts one logit per code and position: 2**16 codes are already 2 GiB of logits per batch.
+    ("vqvae.quantizer.codebook_size=70000",
+     "vqvae.quantizer.ema.codebook_size: Input should be less than or equal to 65536"),
     # logits / 1e-50 overflow float32: softmax NaN, sampling fails after training.
     ("sample.temperature=1e-50", "sample.temperature: Value error, must be at least 0.001"),
     # Slurm would signal the job at once: it would checkpoint and requeue, doing nothing, max_requeues times.
@@ -291,7 +292,7 @@ def test_cli_refuses_preset_with_config(tmp_path: Path) -> None:
 
 
 def test_every_preset_still_round_trips(tmp_path: Path) -> None:
-    for preset in PRESETS:
-        cfg = build_config(preset)
+    for preset in PRESETS:  # a real-data preset needs its images folder
+        cfg = build_config(preset, ["data.isic_images=/data/images"] if preset == "ham128" else [])
         save_config(cfg, tmp_path / f"{preset}.json")
         assert load_config(tmp_path / f"{preset}.json") == cfg

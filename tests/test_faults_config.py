@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, stage_env, tiny_config
 
+from bench.common import free_port
 from runtime.config import ConfigError, build_config
 from runtime.launcher import accelerate_command
 
@@ -60,16 +60,16 @@ def test_more_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
 def test_pipeline_cli_reports_every_bad_value_at_once_and_starts_nothing(tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(sys.executable, "launch/pipeline.py", f"run_dir={run_dir}", "vqvae_train.batch_size=0",
-                  "vqvae.codebook_size=1", "prior.filters=many")
+                  "vqvae.quantizer.codebook_size=1", "prior.filters=many")
     _assert_clean_usage_error(result, "vqvae_train.batch_size: Input should be greater than 0",
-                              "vqvae.codebook_size: Input should be greater than or equal to 2",
+                              "vqvae.quantizer.ema.codebook_size: Input should be greater than or equal to 2",
                               "prior.filters: Input should be a valid integer")
     assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(("argv", "needles"), [
-    (["vqvae.codebok_size=8"], ["unknown config key 'vqvae.codebok_size'", "allowed: arch, channels, code_dim, "
-                                                                             "codebook_size"]),
+    (["vqvae.quantizer.codebok_size=8"], ["unknown config key 'vqvae.quantizer.codebok_size'",
+                                          "allowed: codebook_size, commitment, "]),
     (["data.image_size=34"], ["data.image_size=34 is not divisible by the VQ-VAE down-sampling factor 4",
                               "allowed: multiples of 4"]),
     (["--processes", "0"], ["--processes must be >= 1"]),
@@ -101,12 +101,6 @@ def test_hand_edited_config_file_is_refused_by_every_stage(tmp_path, script, edi
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data stage with ONE training image and empty val / test splits."""
@@ -126,7 +120,7 @@ def test_more_training_processes_than_samples_fails_before_training(tmp_path, ti
     shutil.rmtree(run_dir / "data" / "train")
     shutil.copytree(one_image_data / "train", run_dir / "data" / "train")  # 1 train sample, tiny val split
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(run_dir / "config.json")], processes=2,
-                                   main_port=_free_port())
+                                   main_port=free_port())
     result = _cli(*argv, env=stage_env(**env), timeout=240)
     _assert_clean_usage_error(result, "2 processes but only 1 training samples", "allowed: 1..1 processes")
     assert not (run_dir / "vqvae").exists()

@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from helpers import REPO, stage_env, tiny_config
 from safetensors.torch import load_file
 
+from bench.common import free_port
 from runtime.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
 from runtime.config import load_config
 from runtime.launcher import accelerate_command
@@ -167,15 +167,9 @@ def test_stop_signal_checkpoints_exits_75_and_resume_is_bitwise_identical(refere
 
 
 # ----- 2-process DDP through accelerate launch ----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(run_dir / "config.json")], processes=2,
-                                   main_port=_free_port())
+                                   main_port=free_port())
     return argv, stage_env(**env)
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 
 from runtime.config import CLASSES, DataConfig
 from runtime.files import atomic_write_json
+from runtime.launcher import accelerate_command
 from shards.images import array_to_jpeg
 from shards.manifest import CODE_FORMAT, FORMAT, describe_shard, read_manifest
 from shards.synth import render_lesion
@@ -563,23 +564,27 @@ def test_a_split_packed_at_another_size_than_its_folder_says_is_refused(tmp_path
     assert not (run_dir / "vqvae" / "checkpoints").exists()
 
 
-def test_resuming_with_another_world_size_is_logged_and_recorded(tmp_path: Path, tiny_run) -> None:
-    """Old code resumed a checkpoint of another world size silently (and never stored the world size)."""
-    cfg, config = tiny_run("vqvae_train.max_steps=10", "vqvae_train.eval_every=100")
+def test_resuming_with_another_world_size_continues_the_epoch_and_is_recorded(tmp_path: Path, tiny_run) -> None:
+    """Old code resumed a checkpoint of another world size silently, by global step (another data order)."""
+    cfg, config = tiny_run("vqvae_train.max_steps=10", "vqvae_train.eval_every=100", "vqvae_train.checkpoint_every=5")
     out = Path(cfg.run_dir) / "vqvae"
-    _ok(_cli("vqvae/train.py", "--config", str(config)))
-    state = out / "checkpoints" / "step-00000005" / "state.json"
-    meta = json.loads(state.read_text())
-    assert meta["extra"]["world_size"] == 1
+    argv, env = accelerate_command("vqvae/train.py", ["--config", str(config)], processes=2)
+    _ok(subprocess.run(argv, cwd=REPO, env=stage_env(**env), capture_output=True, text=True, timeout=300))
+    meta = json.loads((out / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert meta["extra"]["world_size"] == 2
     assert json.loads((out / "manifest.json").read_text())["world_size_changes"] == []
-    # As if step 5 had been saved by a 2-process run (state.json is not covered by the file hashes).
-    state.write_text(json.dumps(meta | {"extra": {"world_size": 2}}))
     shutil.rmtree(out / "checkpoints" / "step-00000010")
     (out / "manifest.json").unlink()
     resumed = _ok(_cli("vqvae/train.py", "--config", str(config)))
-    assert "resuming at step 5 with 1 processes" in resumed.stderr and "saved by 2" in resumed.stderr
+    assert "with 1 processes instead of 2" in resumed.stderr and "no sample repeated or skipped" in resumed.stderr
     changes = json.loads((out / "manifest.json").read_text())["world_size_changes"]
-    assert changes == [{"step": 5, "from": 2, "to": 1}]
+    assert changes == [{"step": 5, "from": 2, "to": 1, "epoch": meta["epoch"], "position": meta["position"]}]
+    assert (meta["epoch"], meta["position"]) != (0, 0)
+    # Killed after its last checkpoint, before the manifest: a rerun writes the outputs and trains no further.
+    (out / "manifest.json").unlink()
+    _ok(_cli("vqvae/train.py", "--config", str(config)))
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 10
+    assert not (out / "checkpoints" / "step-00000011").exists()
 
 
 # ----- 4. clean output -----------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ by lineage (a changed prior re-evaluates but never retrains the classifier)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from helpers import REPO, stage_env, tiny_config
+from PIL import Image
 
 from judge.classifier import frechet_distance
 
@@ -61,3 +65,121 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
     assert "stage evaluate: run: upstream sample is re-made first" in changed.stderr
     assert (run_dir / "classifier" / "final" / "model.safetensors").read_bytes() == weights
     assert "Evaluation" in (run_dir / "report" / "report.html").read_text()
+
+
+# ----- evaluate --images: another image set judged with a finished run -----------------------------------
+HAM = SHARED_DATA / "ham10000-200x150"
+SAMPLE = SHARED_DATA / "isic-sample"
+IMAGES_KEYS = ("recon_psnr", "recon_ssim", "recon_mse", "fd_reconstructions", "fd_samples")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A tiny run with every stage done (read-only for these tests, except its judged/ folder)."""
+    run_dir = tmp_path_factory.mktemp("judged") / "run"
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
+    tiny_config(run_dir)
+    done = _pipeline(run_dir / "config.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def _image_set(folder: Path) -> Path:
+    """A folder of real lesion images of two sizes (600x450 and 200x150) plus a PNG copy at another size, a
+    corrupt JPEG and a text file, and its HAM10000-layout CSV; synthetic PNGs when the shared data is absent."""
+    folder.mkdir()
+    rows = ["lesion_id,image_id,dx"]
+    sources = sorted((SAMPLE / "images").glob("*.jpg"))[:2] + sorted((HAM / "images").glob("*.jpg"))[:4]
+    if len(sources) == 6:
+        labels = {r.split(",")[1]: r.split(",")[2] for p in (SAMPLE, HAM)
+                  for r in (p / "HAM10000_metadata.csv").read_text().splitlines()[1:]}
+        for src in sources:
+            shutil.copy(src, folder / src.name)
+            rows.append(f"L_{src.stem},{src.stem},{labels[src.stem]}")
+        Image.open(sources[0]).resize((333, 211)).save(folder / "copy_png.png")
+    else:
+        gen = np.random.default_rng(0)
+        for i, (size, dx) in enumerate([((600, 450), "mel"), ((200, 150), "nv"), ((64, 64), "bkl")] * 2):
+            Image.fromarray(gen.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+            rows.append(f"L_{i},img_{i},{dx}")
+        Image.fromarray(gen.integers(0, 256, (211, 333, 3), dtype=np.uint8)).save(folder / "copy_png.png")
+    rows.append("L_copy,copy_png,mel")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.append("L_broken,broken,nv")
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder.parent / f"{folder.name}.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def _judge(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "judge.evaluate", *map(str, args)], cwd=REPO, env=stage_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, finished_run: Path) -> None:
+    images = _image_set(tmp_path / "private")
+    csv = tmp_path / "private.csv"
+    classifier = (finished_run / "classifier" / "final" / "model.safetensors").read_bytes()
+    stages_before = sorted(p.name for p in finished_run.iterdir())
+
+    labelled = _judge("--run-dir", finished_run, "--images", images, "--csv", csv, "--out", tmp_path / "a.json")
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    assert "reconstruction PSNR" in labelled.stdout and "classifier accuracy" in labelled.stdout
+    result = json.loads((tmp_path / "a.json").read_text())
+    metrics = result["metrics"]
+    for key in (*IMAGES_KEYS, "classifier_accuracy", "classifier_balanced_accuracy"):
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
+    assert 0 <= metrics["classifier_accuracy"] <= 1 and metrics["fd_reconstructions"] >= 0
+    assert result["images_judged"] == 7 and result["labelled"] and sum(result["class_counts"].values()) == 7
+    assert {s["kind"] for s in result["skipped"]} == {"unreadable", "not_an_image"}  # broken.jpg, notes.txt
+
+    # The same inputs give the same numbers; the default output is a marked folder inside the run.
+    again = _judge("--config", finished_run / "config.json", "--images", images, "--csv", csv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (written,) = (finished_run / "judged").glob("private-*.json")
+    assert json.loads(written.read_text())["metrics"] == metrics
+    assert json.loads((finished_run / "judged" / ".lesion-vq.json").read_text())["owner"] == "lesion-vq"
+
+    unlabelled = _judge("--run-dir", finished_run, "--images", images, "--out", tmp_path / "b.json")
+    assert unlabelled.returncode == 0, unlabelled.stderr[-3000:]
+    plain = json.loads((tmp_path / "b.json").read_text())
+    assert not plain["labelled"] and "classifier_accuracy" not in plain["metrics"]
+    assert {k: plain["metrics"][k] for k in IMAGES_KEYS} == {k: metrics[k] for k in IMAGES_KEYS}
+
+    # Nothing retrained or added besides judged/.
+    assert (finished_run / "classifier" / "final" / "model.safetensors").read_bytes() == classifier
+    assert sorted(p.name for p in finished_run.iterdir()) == sorted([*stages_before, "judged"])
+
+
+@pytest.mark.slow
+def test_evaluate_images_refuses_bad_input_in_one_line(tmp_path: Path, finished_run: Path) -> None:
+    images = _image_set(tmp_path / "private")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"garbage")
+    (broken / "b.png").write_bytes(b"")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    tiny_config(unfinished)
+    other_csv = tmp_path / "other.csv"
+    other_csv.write_text("lesion_id,image_id,dx\nL_x,ISIC_9999999,mel\n")
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}\n')
+    run = ("--run-dir", finished_run)
+
+    _one_line_error(_judge(*run, "--images", tmp_path / "missing"), "does not exist")
+    _one_line_error(_judge(*run, "--images", broken), "0 readable image(s)")
+    _one_line_error(_judge("--run-dir", unfinished, "--images", images), "has not completed")
+    _one_line_error(_judge(*run, "--images", images, "--csv", other_csv), "no usable labelled images")
+    _one_line_error(_judge(*run, "--images", images, "--out", foreign), "is not an evaluation lesion-vq wrote")
+    assert foreign.read_text() == '{"mine": true}\n'
+    _one_line_error(_judge("--images", images), "--run-dir")

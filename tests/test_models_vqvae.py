@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from runtime.config import VQVAEConfig, build_config
+from runtime.config import EMAQuantizerConfig, VQVAEConfig, build_config
 from vqvae.models import build_vqvae, count_parameters
-from vqvae.quantizer import VectorQuantizer
+from vqvae.quantizers import VectorQuantizer
 
 SEED_PARAMS = 3_512_387
 REPORT_PARAMS = 3_545_155
@@ -38,7 +38,7 @@ def test_seed_parameter_count_matches_described_layers() -> None:
     assert count_parameters(model) == SEED_PARAMS
     # The report's figure is exactly one extra 512×64 codebook.
     assert REPORT_PARAMS - SEED_PARAMS == 512 * 64
-    ema = build_vqvae(build_config("seed", ["vqvae.quantizer=ema"]).vqvae)
+    ema = build_vqvae(build_config("seed", ["vqvae.quantizer.kind=ema"]).vqvae)
     assert count_parameters(ema) == SEED_PARAMS  # the EMA codebook (a buffer) is counted once too
 
 
@@ -78,7 +78,8 @@ def test_seed_code_layout_is_depth_to_space_and_encode_decode_agree_with_forward
 
 
 # ----- improved architecture -----------------------------------------------------------------------
-SMALL = VQVAEConfig(arch="improved", channels=[16, 32], res_blocks=1, codebook_size=32, code_dim=8)
+SMALL = VQVAEConfig(arch="improved", channels=[16, 32], res_blocks=1, code_dim=8,
+                    quantizer=EMAQuantizerConfig(codebook_size=32))
 
 
 def test_improved_shapes_and_encode_decode() -> None:

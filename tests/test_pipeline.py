@@ -79,3 +79,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
     assert "--num_processes 2" in result.stdout and "ACCELERATE_USE_CPU=1" in result.stdout
     assert "depends on: vqvae, data" in result.stdout
     assert not (tmp_path / "run" / "data").exists()
+    # Planning must stay instant: no torch (seconds of imports) on the way to the plan.
+    traced = subprocess.run([sys.executable, "-X", "importtime", "launch/pipeline.py", "--config",
+                             str(tmp_path / "run" / "config.json"), "--dry-run"], cwd=REPO, env=stage_env(),
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert "torch" not in {line.split("|")[-1].strip() for line in traced.stderr.splitlines()}, "imported torch"

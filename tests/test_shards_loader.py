@@ -33,7 +33,7 @@ def _rank_main(rank: int, out: str, cases: list[dict]) -> None:
     results = []
     for case in cases:
         loader = make_train_loader(Path(case["dir"]), batch_size=case["batch"], rank=rank, world_size=2,
-                                   epoch=1, seed=3, start_step=case.get("start", 0),
+                                   epoch=1, seed=3, position=case.get("start", 0) * 2 * case["batch"],
                                    num_workers=case["workers"], shuffle_buffer=16)
         keys = []
         for batch in loader:
@@ -85,7 +85,7 @@ def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count(synth_s
     first = a[0]
     assert first["image"].dtype == torch.float32 and first["image"].shape == (8, 3, 32, 32)
     assert first["image"].min() >= 0.0 and first["image"].max() <= 1.0 and first["label"].dtype == torch.long
-    tail = _train(split, start_step=3, num_workers=2)
+    tail = _train(split, position=3 * 8, num_workers=2)
     assert [x["key"] for x in tail] == [x["key"] for x in a[3:]]
 
 
@@ -156,3 +156,72 @@ def test_truncated_shard_is_counted_and_steps_stay_equal(tmp_path, synth_shards)
     assert len(batches) == steps_per_epoch(n, 8, 1)
     assert loader.dataset.stats["tar_error"] >= 1
     assert sum(len(b["key"]) for b in batches) < n
+
+
+def _phase_main(rank: int, world: int, out: str, split: str, position: int, tag: str) -> None:
+    """One rank of a real ``world``-process group reading one epoch of ``split`` from ``position``."""
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous-{tag}", rank=rank, world_size=world)
+    loader = make_train_loader(Path(split), batch_size=4, rank=rank, world_size=world, epoch=2, seed=5,
+                               position=position, num_workers=1, shuffle_buffer=16)
+    batches = []
+    for batch in loader:
+        batches.append({"keys": batch["key"], "position": batch["position"], "epoch": batch["epoch"]})
+        dist.all_reduce(torch.ones(1))  # would hang if ranks ran different step counts
+        if position == 0 and len(batches) == 3:
+            break  # "killed" after 3 steps: the checkpoint records the position of the last one
+    Path(out, f"{tag}-rank{rank}.json").write_text(json.dumps(batches))
+    dist.destroy_process_group()
+
+
+def test_resuming_with_another_world_size_continues_the_epoch_exactly_once(pack_synth, tmp_path):
+    """2 real processes read 3 steps, then 3 real processes resume at the recorded position: every sample of the
+    epoch is read exactly once, and each group's ranks run equal step counts."""
+    data = pack_synth(tmp_path / "data", num_images=61, val_fraction=0.0, test_fraction=0.0, shard_max_count=9)
+    split = data / "train"
+    mp.spawn(_phase_main, args=(2, str(tmp_path), str(split), 0, "first"), nprocs=2, join=True)
+    first = [json.loads((tmp_path / f"first-rank{r}.json").read_text()) for r in range(2)]
+    position = first[0][-1]["position"]
+    assert position == first[1][-1]["position"] == 3 * 2 * 4
+    mp.spawn(_phase_main, args=(3, str(tmp_path), str(split), position, "second"), nprocs=3, join=True)
+    second = [json.loads((tmp_path / f"second-rank{r}.json").read_text()) for r in range(3)]
+    assert len({len(rank) for rank in second}) == 1 and len(second[0]) == steps_per_epoch(61 - position, 4, 3)
+    assert second[0][-1]["position"] == 61 and {b["epoch"] for rank in second for b in rank} == {2}
+    keys = [k for rank in first + second for b in rank for k in b["keys"]]
+    assert len(keys) == 61 and sorted(keys) == sorted(_all_keys(split))
+
+
+def test_a_reader_reads_only_its_own_samples_bytes(synth_shards):
+    """Each rank's bytes read are exactly its own samples' byte ranges: a quarter of the split for 4 ranks."""
+    split = synth_shards / "train"
+    manifest = read_manifest(split)
+    sizes = {(shard["name"], i): shard["offsets"][i + 1] - shard["offsets"][i]
+             for shard in manifest["shards"] for i in range(shard["count"])}
+    total = sum(sizes.values())
+    read = []
+    for rank in range(4):
+        loader = make_train_loader(split, batch_size=4, rank=rank, world_size=4, epoch=0, seed=0)
+        samples = sum(len(b["key"]) for b in loader)
+        read.append(loader.dataset.bytes_read)
+        assert samples in (manifest["num_samples"] // 4, manifest["num_samples"] // 4 + 1)
+    assert sum(read) == total  # every byte of every sample read once, by one rank
+    assert max(read) <= 1.1 * total / 4 + max(sizes.values())
+
+
+def test_images_decoded_on_the_device_equal_the_worker_path(synth_shards):
+    """The GPU path (workers hand over JPEG bytes and augmentation draws; the training process decodes the batch
+    and augments it) gives the worker path's pixels; exercised here on the CPU device."""
+    from runtime.config import OptimConfig
+    from shards.loader import ShardTrainData
+
+    def data(decode_on: str) -> ShardTrainData:
+        optim = OptimConfig(batch_size=8, seed=4, decode_on=decode_on)
+        return ShardTrainData(synth_shards / "train", synth_shards / "val", optim)
+
+    on_workers, on_device = data("workers"), data("device")
+    a = next(iter(on_workers.loader(epoch=1, position=0, rank=0, world_size=1)))
+    b = next(iter(on_device.loader(epoch=1, position=0, rank=0, world_size=1)))
+    assert "image" not in b and len(b["encoded"]) == 8 and b["augment"].shape == (8, 3)
+    assert b["augment"][:, 0].abs().max() > 0  # augmented: rotations were drawn
+    a, b = on_workers.to_device(a, torch.device("cpu")), on_device.to_device(b, torch.device("cpu"))
+    assert a["key"] == b["key"] and torch.equal(a["label"], b["label"])
+    assert b["image"].shape == a["image"].shape == (8, 3, 32, 32) and torch.equal(a["image"], b["image"])

@@ -52,6 +52,17 @@ def test_two_process_ddp_ends_with_identical_weights_and_codebooks(tiny_run: Cal
     assert "2 processes (DistributedType.MULTI_CPU)" in result.stderr
 
 
+def test_two_process_ddp_of_the_seed_model_ends_identical_batchnorm_included(tiny_run: Callable[..., Any]) -> None:
+    """The report's model has BatchNorm: each rank's last forward updates its own running statistics, so
+    the ranks used to end different (training then failed its own digest check)."""
+    cfg, config = tiny_run("vqvae.arch=seed", "vqvae.channels=[8,16]", "vqvae.code_dim=4", "vqvae_train.max_steps=4")
+    argv, env = accelerate_command("vqvae/train.py", ["--config", str(config)], processes=2)
+    result = subprocess.run(argv, cwd=REPO, env=stage_env(**env), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = json.loads((cfg.run_dir / "vqvae" / "manifest.json").read_text())["rank_state_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
 def test_wandb_runs_offline_by_default(tiny_run: Callable[..., Any]) -> None:
     cfg, config = tiny_run("wandb=offline", "vqvae_train.max_steps=10")
     env = stage_env()

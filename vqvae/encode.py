@@ -31,7 +31,7 @@ from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.stages import MANIFEST, SPLITS, RunLayout, write_manifest
 from shards.loader import ImageDecoder, declared, split_manifest
-from shards.manifest import CODE_FORMAT, ManifestError, read_manifest
+from shards.manifest import CODE_FORMAT, ManifestError, read_manifest, sample_offsets
 from shards.stream import SampleRefused, ShardStream, collate
 from vqvae.models import build_vqvae
 
@@ -60,15 +60,17 @@ class _WithMetadata(ImageDecoder):
         return super().__call__(key, members, epoch) | {"json": meta}
 
 
-def encode_shard(model: torch.nn.Module, source: Path, count: int, output: Path, image_size: int,
+def encode_shard(model: torch.nn.Module, source: Path, output: Path, image_size: int,
                  codebook_size: int, batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
     """Encode one shard (batched, no augmentation); returns (samples, per-class counts)."""
     class_counts = dict.fromkeys(CLASSES, 0)
     written, dropped = 0, []
     # Bound to the split's manifest: a split packed at another size than the data stage says is refused.
-    decode = _WithMetadata(image_size).for_split(source.parent, split_manifest(source.parent))
-    stream = ShardStream(shards=[source], shard_counts=[count], num_samples=count, batch_size=batch_size,
-                         decode=decode, collate=collate, shuffle=False)
+    manifest = split_manifest(source.parent)
+    decode = _WithMetadata(image_size).for_split(source.parent, manifest)
+    offsets = next(s["offsets"] for s in manifest["shards"] if s["name"] == source.name)
+    stream = ShardStream(shards=[source], offsets=[offsets], batch_size=batch_size, decode=decode, collate=collate,
+                         shuffle=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
     # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
@@ -101,7 +103,7 @@ def finalize(run: StageRun, items: list[tuple[str, str, int]], grid: tuple[int, 
     for (split, _, _), marker in zip(items, markers, strict=True):
         entry = splits.setdefault(split, {"num_samples": 0, "shards": [], "class_counts": dict.fromkeys(CLASSES, 0)})
         entry["num_samples"] += marker["count"]
-        entry["shards"].append({k: marker[k] for k in ("name", "count", "bytes", "sha256")})
+        entry["shards"].append({k: marker[k] for k in ("name", "count", "bytes", "sha256", "offsets")})
         for cls, n in marker["class_counts"].items():
             entry["class_counts"][cls] += n
     common = {"codebook_size": codebook_size, "grid": list(grid), "classes": list(CLASSES)}
@@ -134,14 +136,14 @@ def main(args: argparse.Namespace) -> int:
     items = work_items(data_dir)
     run.claim()
     started, total = time.perf_counter(), 0
-    for split, name, count_in in [item for index in indices for item in items[index::count]]:
+    for split, name, _ in [item for index in indices for item in items[index::count]]:
         output = run.out_dir / split / name
         if is_done(output, run.identity):
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
-        n, class_counts = encode_shard(model, data_dir / split / name, count_in, output, image_size,
+        n, class_counts = encode_shard(model, data_dir / split / name, output, image_size,
                                        cfg.vqvae.codebook_size, cfg.encode.batch_size, device)
-        mark_done(output, run.identity, count=n, class_counts=class_counts)
+        mark_done(output, run.identity, count=n, class_counts=class_counts, offsets=sample_offsets(output))
         total += n
     seconds = time.perf_counter() - started
     log.info("task %s of %d: %d images in %.1f s (%.1f images/s)", ",".join(map(str, indices)), count, total,

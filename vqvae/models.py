@@ -1,4 +1,5 @@
-"""VQ-VAE: encoder → vector quantiser → decoder, for the report's ``seed`` and the ``improved`` arch.
+"""VQ-VAE: encoder → quantizer (any kind of vqvae/quantizers) → decoder, for the report's ``seed`` and the
+``improved`` arch.
 
 Both architectures share one model class; they differ in the encoder/decoder stacks and in how
 many code vectors one latent position holds:
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from runtime.config import VQVAEConfig
 from vqvae.blocks import improved_decoder, improved_encoder, seed_decoder, seed_encoder
-from vqvae.quantizer import VectorQuantizer
+from vqvae.quantizers import Quantizer, VectorQuantizer, build_quantizer
 
 
 @dataclass
@@ -39,11 +40,11 @@ class VQOutput:
     codes: Tensor
     """B×Hc×Wc LongTensor on the single-code grid."""
     stats: dict[str, Tensor]
-    """Scalars for logging: commitment_loss, codebook_loss, perplexity, codes_used, dead_codes, ..."""
+    """Scalars for logging: perplexity, codes_used, and the kind's own (ema/loss: commitment_loss, dead_codes, ...)."""
 
 
 class VQVAE(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: VectorQuantizer,
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: Quantizer,
                  downsample: int, codes_per_side: int) -> None:
         super().__init__()
         self.encoder = encoder
@@ -59,6 +60,12 @@ class VQVAE(nn.Module):
                              f"factor {self.downsample}")
         side = image_size // self.downsample * self.codes_per_side
         return side, side
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the decoder's output convolution (VQGAN's adaptive weight compares gradients there)."""
+        convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+        return convs[-1].weight
 
     def forward(self, x: Tensor) -> VQOutput:
         z = self.encoder(x)
@@ -79,7 +86,7 @@ class VQVAE(nn.Module):
         """Images in [0, 1] from a B×Hc×Wc grid of code indices (the inverse layout of :meth:`encode`)."""
         per_position = self._from_grid(codes)  # B×H×W×r²
         b, h, w, _ = per_position.shape
-        vectors = self.quantizer.lookup(per_position)  # B×H×W×r²×D
+        vectors = self.quantizer.indices_to_vectors(per_position)  # B×H×W×r²×D
         return self.decoder(vectors.reshape(b, h, w, -1).permute(0, 3, 1, 2))
 
     # ----- layout helpers -------------------------------------------------------------------------
@@ -101,9 +108,7 @@ class VQVAE(nn.Module):
 
 
 def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
-    quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment, mode=cfg.quantizer,
-                                decay=cfg.ema_decay, dead_code_threshold=cfg.dead_code_threshold,
-                                kmeans_init=cfg.kmeans_init)
+    quantizer = build_quantizer(cfg.quantizer, cfg.code_dim)
     downsample = 2 ** len(cfg.channels)
     if cfg.arch == "improved":
         return VQVAE(improved_encoder(cfg.channels, cfg.res_blocks, cfg.code_dim),
@@ -120,7 +125,8 @@ def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
 
 def count_parameters(model: nn.Module) -> int:
     """Learned numbers: all parameters plus any EMA codebook (a buffer, learned by averaging
-    instead of gradients), so both quantiser modes count the codebook exactly once."""
+    instead of gradients), so kinds ema and loss both count the codebook exactly once (fsq's implicit
+    codebook is fixed, not learned)."""
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         if isinstance(module, VectorQuantizer) and module.mode == "ema":

@@ -16,14 +16,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from runtime.cli import run_cli, stage_parser
-from runtime.config import RunConfig, config_from_args
+from runtime.config import ConfigError, RunConfig, config_from_args
 from runtime.images import save_grid
 from runtime.lineage import begin_stage
 from runtime.stages import RunLayout
-from runtime.trainer import TrainPlan, train
+from runtime.trainer import Critic, TrainPlan, train
 from shards.loader import ShardTrainData, make_eval_loader
+from vqvae.discriminator import (
+    PatchDiscriminator,
+    adaptive_weight,
+    batch_mean,
+    generator_loss,
+    hinge_d_loss,
+    min_image_size,
+)
 from vqvae.metrics import ReconstructionMeter
 from vqvae.models import build_vqvae, count_parameters
 
@@ -34,6 +43,9 @@ class VQVAETask:
     def __init__(self, cfg: RunConfig, val_split: Path) -> None:
         self.cfg = cfg
         self.val_split = val_split
+        self.adversarial = cfg.vqvae_train.adversarial
+        self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """This step's images, reconstructions and reconstruction loss, for the adversarial hooks."""
 
     def build_model(self) -> torch.nn.Module:
         return build_vqvae(self.cfg.vqvae)
@@ -46,7 +58,38 @@ class VQVAETask:
         # Summed then divided by max(n, 1): a batch emptied by damaged shards still takes part in the
         # DDP step (every rank must), with zero gradient instead of a NaN.
         recon_mse = F.mse_loss(out.recon.float(), images.float(), reduction="sum") / max(images.numel(), 1)
+        if self.adversarial.enabled:
+            self._outputs = (images, out.recon, recon_mse)
         return recon_mse + out.loss, {"recon_mse": recon_mse, **out.stats}
+
+    # ----- adversarial training (VQGAN), the trainer's CriticTask hooks ------------------------------------
+    def build_critic(self) -> Critic | None:
+        adv = self.adversarial
+        if not adv.enabled:
+            return None
+        return Critic(PatchDiscriminator(adv.disc_layers, adv.disc_channels),
+                      lr=self.cfg.vqvae_train.lr if adv.lr is None else adv.lr, betas=adv.betas,
+                      start_step=adv.start_step)
+
+    def adversarial_loss(self, model: torch.nn.Module, critic: torch.nn.Module, loss: torch.Tensor,
+                         extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert self._outputs is not None, "loss() runs first"
+        _, recon, recon_mse = self._outputs
+        # The critic's parameters enter as constants: the gradient reaches the reconstruction only, so the
+        # model's backward never touches the critic (nor its DDP reducer).
+        frozen = {name: p.detach() for name, p in critic.named_parameters()}
+        g_adv = generator_loss(functional_call(critic, frozen, (recon.float(),)))
+        weight = adaptive_weight(recon_mse, g_adv, model.last_layer) * self.adversarial.weight
+        return loss + weight * g_adv, {**extras, "g_adv": g_adv, "adv_weight": weight}
+
+    def critic_loss(self, critic: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert self._outputs is not None, "loss() runs first"
+        images, recon, _ = self._outputs
+        # Real and fake in one forward (GroupNorm: no sample sees another), so DDP sees one forward per backward.
+        logits = critic(torch.cat([images.float(), recon.detach().float()]))
+        real, fake = logits[:len(images)], logits[len(images):]
+        d_loss = hinge_d_loss(real, fake)
+        return d_loss, {"d_loss": d_loss, "logits_real": batch_mean(real), "logits_fake": batch_mean(fake)}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:
@@ -67,7 +110,18 @@ class VQVAETask:
         return meter.result(), images_out
 
 
+def check_discriminator_fits(cfg: RunConfig) -> None:
+    """The discriminator must leave at least one patch logit: refused before any work, naming the keys."""
+    adv, size = cfg.vqvae_train.adversarial, cfg.data.image_size
+    if adv.enabled and size < min_image_size(adv.disc_layers):
+        fitting = (size // 3).bit_length() - 1  # the largest n with min_image_size(n) <= size
+        raise ConfigError(f"vqvae_train.adversarial.disc_layers={adv.disc_layers} is too deep for "
+                          f"data.image_size={size}: the discriminator needs images of at least "
+                          f"{min_image_size(adv.disc_layers)} px; allowed: disc_layers <= {fitting}")
+
+
 def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tuple[VQVAETask, TrainPlan]:
+    check_discriminator_fits(cfg)
     run = begin_stage(cfg, "vqvae", folders={"data": data_dir} if data_dir else None)
     data_dir = data_dir or RunLayout.of(cfg).stage_dir("data")
     plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.vqvae_train),
@@ -79,6 +133,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_params:
         print(f"{cfg.vqvae.arch} VQ-VAE parameters: {count_parameters(build_vqvae(cfg.vqvae)):,}")
+        if (adv := cfg.vqvae_train.adversarial).enabled:
+            disc = PatchDiscriminator(adv.disc_layers, adv.disc_channels)
+            print(f"discriminator parameters: {count_parameters(disc):,}")
         return 0
     task, plan = build_plan(cfg, args.resume, args.data)
     return train(task, plan)

@@ -1,4 +1,4 @@
-"""Vector quantiser with the report's loss-trained codebook or a DDP-consistent EMA codebook.
+"""Quantizer kinds ``loss`` (the report's loss-trained codebook) and ``ema`` (a DDP-consistent EMA codebook).
 
 Distributed contract (mode ``ema``, and the usage statistics of mode ``loss``): a training-mode
 forward is a *collective* — every rank must call it, once per step, in the same order. After it
@@ -21,7 +21,6 @@ single rank can encode a dataset on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,17 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.seeding import derive_seed
-
-
-@dataclass
-class QuantizerOutput:
-    quantized: Tensor
-    """N×D, the code vectors, with straight-through gradients to the input."""
-    indices: Tensor
-    """N, LongTensor of code indices."""
-    loss: Tensor
-    """Codebook (mode ``loss`` only) + commitment × commitment loss."""
-    stats: dict[str, Tensor]
+from vqvae.quantizers.base import Quantizer, QuantizerOutput, usage_stats
 
 
 def _distributed() -> bool:
@@ -96,8 +85,9 @@ def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[T
     return centroids, sizes
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour quantiser of N×D vectors onto a K×D codebook.
+class VectorQuantizer(Quantizer):
+    """Nearest-neighbour quantiser of N×D vectors onto a K×D codebook; its loss is codebook (mode ``loss``
+    only) + ``commitment`` × commitment loss.
 
     mode ``loss`` (the report): the codebook is a parameter trained by the codebook loss
     ‖sg[z] − e‖² plus ``commitment`` × ‖z − sg[e]‖², straight-through gradients to the encoder.
@@ -119,11 +109,9 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         eps: float = 1e-5,
     ) -> None:
-        super().__init__()
+        super().__init__(codebook_size, dim)
         if mode not in ("loss", "ema"):
             raise ValueError(f"quantizer mode {mode!r} unknown; allowed: loss, ema")
-        self.codebook_size = codebook_size
-        self.dim = dim
         self.commitment = commitment
         self.mode = mode
         self.decay = decay
@@ -150,9 +138,11 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def nearest(self, z: Tensor) -> Tensor:
         """Index of the nearest code for each row of the N×D ``z``."""
-        return squared_distances(z.float(), self.embedding.float()).argmin(1)
+        # float32 also under autocast (encoding on GPU): bf16 distances can pick another code than training did.
+        with torch.autocast(z.device.type, enabled=False):
+            return squared_distances(z.float(), self.embedding.float()).argmin(1)
 
-    def lookup(self, indices: Tensor) -> Tensor:
+    def indices_to_vectors(self, indices: Tensor) -> Tensor:
         return self.embedding[indices]
 
     # ----- forward ---------------------------------------------------------------------------------
@@ -177,13 +167,10 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 counts, restarted = self._update(z.detach(), indices, counts)
             quantized = z + (codes - z).detach()  # straight-through estimator
-        probs = counts / counts.sum().clamp_min(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
         stats = {
             "commitment_loss": commitment_loss.detach(),
             "codebook_loss": codebook_loss.detach(),
-            "perplexity": entropy.exp(),
-            "codes_used": (counts > 0).float().mean(),
+            **usage_stats(counts),
             "dead_codes": (self.cluster_size < self.dead_code_threshold).sum().float(),
             "restarted_codes": restarted,
         }

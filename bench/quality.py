@@ -1,0 +1,286 @@
+"""Real-data quality: the report's model (``seed``) against the best preset (``ham128``: improved VQ-VAE and
+transformer prior) and its gated-PixelCNN prior baseline, on HAM10000 at 128 px, judged on the validation split.
+
+    python -m bench quality [--minutes 10] [--root /tmp/lesion-vq-quality] [--images DIR --csv CSV]
+
+Every run is an ordinary pipeline run directory under ``--root`` (never inside the repository):
+
+* ``seed``: ``--preset seed`` at 128 px (the report's VQ-VAE and unconditional masked PixelCNN);
+* ``ham128``: ``--preset ham128`` (transformer prior);
+* ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior.
+
+**Equal VQ-VAE training time**: each VQ-VAE's training step is timed side by side first (1 thread, its own
+batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
+time, each pinned to a core of its own where there are two. Data, judge (classifier), sample counts and
+evaluation settings are ``ham128``'s in every run, so all runs share one packed data set and one judge (its
+weights are deterministic: the runs' classifier manifests must agree, which is checked). The priors are
+shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
+whole comparison takes about 45 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
+unit, baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in
+``ROOT/grids/`` (real validation images above their seed and ham128 reconstructions; samples per class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import Row, write_results
+from runtime.config import CLASSES, RunConfig, build_config
+from runtime.launcher import REPO_ROOT
+
+SHARED_HAM = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(REPO_ROOT).parent / "shared" / "data")) / \
+    "ham10000-200x150"
+JUDGE_SECTIONS = ("data", "classifier", "classifier_train", "evaluate", "sample")
+"""Taken from ham128 for every run: one data set, one judge, the same number of samples."""
+
+# About 1.1 M parameters each at K = 512 (the smoke preset's matched pair): a CPU-sized prior comparison.
+SMALL_TRANSFORMER = ("prior.layers=6", "prior.d_model=128", "prior.heads=4")
+SMALL_GATED = ("prior.arch=gated", "prior.filters=64", "prior.layers=6", "prior.kernel_size=5", "prior.embed_dim=32")
+
+
+def _overrides(section: str, values: dict[str, Any]) -> list[str]:
+    return [f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for key, value in values.items() if not isinstance(value, dict)]
+
+
+def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -> list[str]:
+    ham = build_config("ham128", [f"data.isic_images={images}", *([f"data.isic_csv={csv}"] if csv else [])])
+    dumped = ham.model_dump(mode="json")
+    out = [item for section in JUDGE_SECTIONS for item in _overrides(section, dumped[section])]
+    return [*out, "wandb=disabled", f"classifier_train.max_steps={args.classifier_steps}",
+            f"classifier_train.checkpoint_every={args.classifier_steps}",
+            f"classifier_train.eval_every={args.classifier_steps}", "classifier_train.num_workers=1",
+            f"sample.per_class={args.per_class}"]
+
+
+def _step_seconds(cfg: RunConfig, repeats: int = 4) -> float:
+    """Seconds per VQ-VAE training step (forward, backward, Adam) on random images, 1 thread."""
+    from vqvae.models import build_vqvae
+
+    torch.manual_seed(0)
+    model = build_vqvae(cfg.vqvae).train()
+    optim = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.rand(cfg.vqvae_train.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = model(images)
+        loss = (out.recon - images).pow(2).mean() + out.loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, the first (allocation) step left out
+
+
+def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
+    """name -> (preset, overrides) of every run, VQ-VAE steps left out (decided by timing)."""
+    judge = _judge_overrides(args.images, args.csv, args)
+    prior = [f"prior_train.max_steps={args.prior_steps}", f"prior_train.checkpoint_every={args.prior_steps}",
+             f"prior_train.eval_every={args.prior_steps}", "prior_train.num_workers=1"]
+    small = [*prior, "prior_train.lr=1e-3", f"prior_train.warmup_steps={args.prior_steps // 20}"]
+    return {"seed": ("seed", [*judge, *prior]),
+            "ham128": ("ham128", [*judge, *small, *SMALL_TRANSFORMER]),
+            "ham128-gated": ("ham128", [*judge, *small, *SMALL_GATED])}
+
+
+def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float) -> list[str]:
+    steps = max(int(seconds / step), 10)
+    warmup = min(cfg.vqvae_train.warmup_steps, steps // 20)
+    return [f"vqvae_train.max_steps={steps}", f"vqvae_train.warmup_steps={warmup}",
+            f"vqvae_train.checkpoint_every={max(steps // 4, 1)}", f"vqvae_train.eval_every={steps}",
+            "vqvae_train.num_workers=1"]
+
+
+def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: int | None,
+              *extra: str) -> subprocess.Popen[bytes]:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # the launcher then uses 1 thread
+    argv = [sys.executable, "launch/pipeline.py", "--preset", preset, *overrides, f"run_dir={run_dir}", *extra]
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
+
+
+def _wait(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> None:
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            sys.exit(f"error: run {name} failed (exit {proc.returncode}); see {root / (name + '.log')}")
+
+
+def _link(source: Path, target: Path) -> None:
+    if not target.is_symlink():
+        target.symlink_to(source, target_is_directory=True)
+
+
+def _prior_bits(run_dir: Path) -> float:
+    from runtime.tracking import read_metrics
+
+    values = [row["val/bits_per_code"] for row in read_metrics(run_dir / "prior" / "metrics.jsonl")
+              if row.get("val/bits_per_code") is not None]
+    return float(values[-1])
+
+
+def _codes_used(run_dir: Path, codebook_size: int) -> float:
+    """Fraction of the codebook used by the encoded validation split."""
+    from prior.codes import make_code_eval_loader
+
+    seen = torch.zeros(codebook_size, dtype=torch.bool)
+    for batch in make_code_eval_loader(run_dir / "codes" / "val", batch_size=256):
+        seen[batch["codes"].flatten()] = True
+    return float(seen.float().mean())
+
+
+def _measure(root: Path, name: str) -> dict[str, float]:
+    from launch.plan import stage_timings
+    from runtime.config import load_config
+    from runtime.stages import RunLayout
+
+    run_dir = root / name
+    cfg = load_config(run_dir / "config.json")
+    evaluation = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
+    return {"vqvae_steps": cfg.vqvae_train.max_steps,
+            "vqvae_train_s": stage_timings(RunLayout(run_dir)).get("vqvae", float("nan")),
+            "codes_per_image": cfg.data.image_size ** 2 // cfg.downsample_factor ** 2 * (
+                (cfg.vqvae.channels[-1] // cfg.vqvae.code_dim) if cfg.vqvae.arch == "seed" else 1),
+            "codes_used": _codes_used(run_dir, cfg.vqvae.codebook_size),
+            "bits_per_code": _prior_bits(run_dir),
+            **{k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float))}}
+
+
+_METRICS = (  # key, unit, the run it is compared with (None: the seed run)
+    ("recon_psnr", "dB", None), ("recon_ssim", "", None), ("fd_reconstructions", "FD", None),
+    ("codes_used", "fraction of K", None), ("codes_per_image", "codes", None), ("bits_per_code", "bits", None),
+    ("fd_samples", "FD", "ham128-gated"), ("sample_class_agreement", "rate (chance 0.143)", None),
+    ("classifier_val_accuracy", "rate", None), ("fd_real_train_floor", "FD", None),
+    ("vqvae_steps", "steps", None), ("vqvae_train_s", "s", None),
+)
+
+
+def _rows(results: dict[str, dict[str, float]]) -> list[Row]:
+    rows = []
+    for key, unit, base in _METRICS:
+        for name, values in results.items():
+            baseline = base if base in results and name != "seed" else "seed"
+            rows.append(Row("quality", f"{name}: {key}", values[key], unit, f"{baseline}: {key}"))
+    return rows
+
+
+def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
+    seed, best, gated = results["seed"], results["ham128"], results["ham128-gated"]
+    psnr_gain = best["recon_psnr"] - seed["recon_psnr"]
+    fd_ratio = best["fd_reconstructions"] / seed["fd_reconstructions"]
+    recon_ok = psnr_gain >= 2 or (fd_ratio <= 0.5 and psnr_gain >= 0)
+    sample_ratio = best["fd_samples"] / gated["fd_samples"]
+    agreement = best["sample_class_agreement"] * len(CLASSES)
+    return [f"reconstruction: +{psnr_gain:.2f} dB PSNR, recon FD x{fd_ratio:.2f} vs seed "
+            f"(target >= +2 dB, or <= 0.5x with PSNR no worse): {'MET' if recon_ok else 'MISSED'}",
+            f"samples: FD x{sample_ratio:.2f} vs the gated PixelCNN (target <= 0.5x): "
+            f"{'MET' if sample_ratio <= 0.5 else 'MISSED'}",
+            f"class agreement: {best['sample_class_agreement']:.3f} = {agreement:.2f}x chance (target >= 3x): "
+            f"{'MET' if agreement >= 3 else 'MISSED'}"]
+
+
+def _grids(root: Path, count: int = 8) -> None:
+    """ROOT/grids/reconstructions.png (real validation images, seed and ham128 reconstructions) and
+    samples-NAME.png (one row per class) for the conditional runs."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from runtime.checkpoint import load_weights
+    from runtime.config import load_config
+    from runtime.images import save_grid
+    from shards.loader import make_eval_loader
+    from vqvae.models import build_vqvae
+
+    out = root / "grids"
+    out.mkdir(exist_ok=True)
+    batch = next(iter(make_eval_loader(root / "ham128" / "data" / "val", batch_size=count, max_batches=1)))
+    rows = [batch["image"]]
+    for name in ("seed", "ham128"):
+        cfg = load_config(root / name / "config.json")
+        model = build_vqvae(cfg.vqvae).eval()
+        manifest = json.loads((root / name / "vqvae" / "manifest.json").read_text())
+        load_weights(model, root / name / "vqvae" / manifest["weights"])
+        with torch.no_grad():
+            rows.append(model(batch["image"]).recon.clamp(0, 1))
+    save_grid(torch.cat(rows), out / "reconstructions.png", nrow=count, row_labels=["real", "seed", "ham128"])
+    for name in ("ham128", "ham128-gated"):
+        manifest = json.loads((root / name / "samples" / "manifest.json").read_text())
+        by_class: dict[int, list[torch.Tensor]] = {c: [] for c in range(len(CLASSES))}
+        shards = [str(root / name / "samples" / s["name"]) for s in manifest["shards"]]
+        for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+            pixels = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+            by_class[int(sample["cls"])].append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+        images = [img for c in range(len(CLASSES)) for img in by_class[c][:count]]
+        save_grid(torch.stack(images), out / f"samples-{name}.png", nrow=count, row_labels=CLASSES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="VQ-VAE training time of each run")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/lesion-vq-quality"),
+                        help="where the run directories go (not inside the repository)")
+    parser.add_argument("--images", type=Path, default=SHARED_HAM / "images")
+    parser.add_argument("--csv", type=Path, default=SHARED_HAM / "HAM10000_metadata.csv")
+    parser.add_argument("--prior-steps", type=int, default=600)
+    parser.add_argument("--classifier-steps", type=int, default=1000)
+    parser.add_argument("--per-class", type=int, default=24, help="samples drawn per class")
+    args = parser.parse_args(argv)
+    for path in (args.images, args.csv):
+        if not path.exists():
+            sys.exit(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)")
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    runs = _run_configs(args)
+
+    torch.set_num_threads(1)
+    configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}
+    step = {name: _step_seconds(configs[name]) for name in ("seed", "ham128")}
+    print("VQ-VAE step seconds (1 thread): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()), flush=True)
+    vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name != "ham128-gated" else "ham128"])
+          for name in runs}
+
+    # One packed data set for every run (their data sections are the same, so are their data identities).
+    pack = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1],
+                           *vq["ham128"], f"run_dir={root / 'ham128'}", "--only", "data"], cwd=REPO_ROOT,
+                          env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
+    if pack.returncode != 0:
+        sys.exit(f"error: packing failed (exit {pack.returncode})")
+    cpus = sorted(os.sched_getaffinity(0))
+    (root / "seed").mkdir(exist_ok=True)
+    _link(root / "ham128" / "data", root / "seed" / "data")
+    started = time.time()
+    procs = {name: _pipeline(root / name, runs[name][0], [*runs[name][1], *vq[name]], root / f"{name}.log",
+                             cpus[i] if len(cpus) >= 2 else None)
+             for i, name in enumerate(("seed", "ham128"))}
+    _wait({"ham128": procs.pop("ham128")}, root)
+    gated = root / "ham128-gated"
+    gated.mkdir(exist_ok=True)
+    for folder in ("data", "vqvae", "codes", "classifier"):
+        _link(root / "ham128" / folder, gated / folder)
+    procs["ham128-gated"] = _pipeline(gated, runs["ham128-gated"][0], [*runs["ham128-gated"][1], *vq["ham128-gated"]],
+                                      root / "ham128-gated.log", None)
+    _wait(procs, root)
+    print(f"all runs done in {(time.time() - started) / 60:.1f} min", flush=True)
+
+    judges = {json.loads((root / n / "classifier" / "manifest.json").read_text())["weights_sha256"] for n in runs}
+    if len(judges) != 1:
+        sys.exit(f"error: the runs' classifiers differ ({judges}); their Fréchet distances are not comparable")
+    results = {name: _measure(root, name) for name in runs}
+    _grids(root)
+    md, js = write_results(_rows(results), root, quick=False)
+    print(md.read_text())
+    print("\n".join(_verdicts(results)))
+    print(f"written: {md}, {js} and {root / 'grids'}/*.png")

@@ -1,0 +1,301 @@
+"""Quantizer kinds behind one interface: codes round-trip, large FSQ codebooks end to end, identical state
+on every DDP rank, and the config union (kind switching, one-line errors, old config files)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from prior.codes import CodeDecoder, code_dtype, codes_npy
+from prior.models import build_prior
+from runtime.config import (
+    QUANTIZER_CONFIGS,
+    ConfigError,
+    EMAQuantizerConfig,
+    FSQQuantizerConfig,
+    LossQuantizerConfig,
+    PriorConfig,
+    QuantizerConfig,
+    VQVAEConfig,
+    build_config,
+    load_config,
+    save_config,
+)
+from vqvae.models import build_vqvae
+from vqvae.quantizers import QUANTIZERS, Quantizer, build_quantizer
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET_NAMES = ("smoke", "seed", "improved")
+
+# One small configuration per kind (fsq twice: with and without the learned projections).
+KINDS: dict[str, QuantizerConfig] = {
+    "ema": EMAQuantizerConfig(codebook_size=16, decay=0.8, dead_code_threshold=2.0),
+    "loss": LossQuantizerConfig(codebook_size=16, kmeans_init=True),
+    "fsq": FSQQuantizerConfig(levels=[5, 4, 3]),
+    "fsq-projected": FSQQuantizerConfig(levels=[8, 5, 5, 5]),
+}
+DIMS = {"ema": 4, "loss": 4, "fsq": 3, "fsq-projected": 6}
+
+
+def _quantizer(name: str, seed: int = 0) -> Quantizer:
+    torch.manual_seed(seed)
+    return build_quantizer(KINDS[name], DIMS[name])
+
+
+def _batch(name: str, n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIMS[name], generator=g) * 1.5
+
+
+def test_registry_builds_every_config_kind() -> None:
+    assert set(QUANTIZERS) == set(QUANTIZER_CONFIGS)
+    for kind in QUANTIZER_CONFIGS:
+        cfg = build_config("smoke", [f"vqvae.quantizer.kind={kind}"])
+        model = build_vqvae(cfg.vqvae)
+        assert isinstance(model.quantizer, Quantizer) and model.quantizer.dim == cfg.vqvae.code_dim
+        assert model.quantizer.codebook_size == model.codebook_size == cfg.vqvae.codebook_size
+
+
+# ----- codes round-trip, every kind ----------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_indices_to_vectors_gives_the_quantized_output_in_eval_mode(name: str) -> None:
+    q = _quantizer(name).train()
+    q(_batch(name, 64, seed=1))  # ema/loss: the k-means initialisation happens on this batch
+    q.eval()
+    z = _batch(name, 200, seed=2)
+    with torch.no_grad():
+        out = q(z)
+    assert out.indices.dtype == torch.long and out.indices.shape == (200,)
+    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < q.codebook_size
+    assert len(out.indices.unique()) > 1
+    assert torch.equal(q.nearest(z), out.indices)
+    torch.testing.assert_close(q.indices_to_vectors(out.indices), out.quantized)
+    # Any index shape: the vectors come back with a trailing D.
+    grid = out.indices.view(2, 10, 10)
+    torch.testing.assert_close(q.indices_to_vectors(grid), out.quantized.view(2, 10, 10, -1))
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_straight_through_gradients_reach_the_input(name: str) -> None:
+    q = _quantizer(name).train()
+    z = _batch(name, 32, seed=3).requires_grad_()
+    out = q(z)
+    (out.quantized.pow(2).sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert {"perplexity", "codes_used"} <= set(out.stats)
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZER_CONFIGS))
+@pytest.mark.parametrize("arch", ["improved", "seed"])
+def test_vqvae_encode_decode_of_a_code_grid(kind: str, arch: str) -> None:
+    channels, code_dim = ([8, 16], 8) if arch == "improved" else ([8, 16], 4)  # seed: 16 / 4 = 2x2 codes
+    cfg = VQVAEConfig(arch=arch, channels=channels, res_blocks=1, code_dim=code_dim,
+                      quantizer=QUANTIZER_CONFIGS[kind]())
+    torch.manual_seed(0)
+    model = build_vqvae(cfg)
+    x = torch.rand(3, 3, 16, 16)
+    model(x)  # one training-mode forward (k-means initialisation for the codebook kinds)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        codes = model.encode(x)
+        assert codes.shape == (3, *model.code_grid(16)) and torch.equal(codes, out.codes)
+        assert int(codes.max()) < cfg.codebook_size
+        torch.testing.assert_close(model.decode_codes(codes), out.recon)
+
+
+# ----- FSQ ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [8, 8, 8, 8], [8, 8, 8, 6, 5], [8, 8, 8, 5, 5, 5]])
+def test_fsq_codebook_sizes_end_to_end(levels: list[int]) -> None:
+    """All codes of the implicit codebook are distinct vectors, code grids survive the code-shard format, a
+    prior predicts every code, and a drawn grid decodes to images."""
+    k = math.prod(levels)
+    cfg = VQVAEConfig(arch="improved", channels=[8, 16], res_blocks=0, code_dim=len(levels),
+                      quantizer=FSQQuantizerConfig(levels=levels))
+    assert cfg.codebook_size == k
+    torch.manual_seed(0)
+    model = build_vqvae(cfg).eval()
+    vectors = model.quantizer.indices_to_vectors(torch.arange(k))
+    assert vectors.shape == (k, len(levels)) and len(vectors.unique(dim=0)) == k
+
+    with torch.no_grad():
+        codes = model.encode(torch.rand(2, 3, 16, 16))
+    grid = tuple(codes.shape[1:])
+    decoder = CodeDecoder(codebook_size=k, grid=grid)
+    for code in codes:
+        blob = codes_npy(code.numpy(), k)
+        stored = np.load(io.BytesIO(blob), allow_pickle=False)
+        assert stored.dtype == code_dtype(k) == (np.int16 if k <= 2**15 else np.int32)
+        assert torch.equal(decoder("key", {"codes.npy": blob, "cls": b"3"}, 0)["codes"], code)
+
+    prior = build_prior(PriorConfig(arch="gated", filters=8, layers=1, kernel_size=3, embed_dim=4), k, 7).eval()
+    with torch.no_grad():
+        assert prior(codes, torch.tensor([0, 1])).shape == (2, k, *grid)
+        drawn = prior.sample(1, grid, torch.tensor([2]), 1.0, torch.Generator().manual_seed(0))
+        assert int(drawn.max()) < k
+        assert model.decode_codes(drawn).shape == (1, 3, 16, 16)
+
+
+def test_fsq_changes_no_state_and_is_deterministic() -> None:
+    a, b = _quantizer("fsq-projected", seed=5).train(), _quantizer("fsq-projected", seed=5).train()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    buffers = {k: v.clone() for k, v in a.named_buffers()}
+    z = _batch("fsq-projected", 50, seed=6)
+    out_a, out_b = a(z), b(z)
+    assert torch.equal(out_a.quantized, out_b.quantized) and torch.equal(out_a.indices, out_b.indices)
+    assert all(torch.equal(state[k], v) for k, v in a.state_dict().items())
+    assert all(torch.equal(buffers[k], v) for k, v in a.named_buffers())
+    assert float(out_a.loss) == 0.0  # no auxiliary loss: nothing to collapse
+
+
+# ----- every kind under torch.distributed (real gloo processes) -------------------------------------
+WORLD, STEPS = 2, 3
+
+
+class _Front(nn.Module):
+    """A parameter in front of the quantizer, so DDP has gradients to all-reduce for every kind."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.quantizer = _quantizer(name)
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.quantizer(z * self.scale)
+        return out.quantized.pow(2).mean() + out.loss
+
+
+def _full_state(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and every buffer, the non-persistent ones included."""
+    return {k: v.detach().clone() for k, v in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    result = {}
+    for name in sorted(KINDS):
+        module = _Front(name).train()
+        ddp = DistributedDataParallel(module)  # broadcast_buffers=True, the default
+        optim = torch.optim.SGD(module.parameters(), lr=0.1)
+        before = _full_state(module)
+        for step in range(STEPS):
+            loss = ddp(_batch(name, 20 - 4 * rank, seed=100 * step + rank))  # different data and sizes per rank
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        module.eval()
+        with torch.no_grad():
+            indices = module.quantizer.nearest(_batch(name, 40, seed=999))
+        result[name] = {"before": before, "after": _full_state(module), "indices": indices}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_every_kind_ends_with_identical_state_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "pg-init"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    for name in sorted(KINDS):
+        after0, after1 = r0[name]["after"], r1[name]["after"]
+        assert after0.keys() == after1.keys()
+        for key in after0:
+            assert torch.equal(after0[key], after1[key]), f"{name} {key}: differs across ranks"
+        assert torch.equal(r0[name]["indices"], r1[name]["indices"]), name
+        # Training really moved the parameters (and the codebook where there is one to learn), so the
+        # equality is not vacuous.
+        moved = {k for k in after0 if not torch.equal(after0[k], r0[name]["before"][k])}
+        assert "scale" in moved, name
+        if name != "fsq":  # plain fsq (code_dim == len(levels)) has nothing to learn
+            assert any(k.startswith("quantizer.") for k in moved), (name, moved)
+
+
+# ----- config: one union, each kind with its own settings ------------------------------------------
+def test_presets_keep_their_quantizers() -> None:
+    assert build_config("smoke").vqvae.quantizer == EMAQuantizerConfig(codebook_size=128, decay=0.95)
+    assert build_config("seed").vqvae.quantizer == LossQuantizerConfig(codebook_size=512, commitment=0.25,
+                                                                      kmeans_init=False)
+    assert build_config("improved").vqvae.quantizer == EMAQuantizerConfig(codebook_size=512, decay=0.99)
+    assert build_config("seed").vqvae.code_dim == 64 and build_config("smoke").vqvae.code_dim == 32
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_switching_kind_resets_to_that_kinds_defaults_then_applies_later_overrides(preset: str) -> None:
+    cfg = build_config(preset, ["vqvae.quantizer.kind=fsq"])
+    assert cfg.vqvae.quantizer == FSQQuantizerConfig() and cfg.vqvae.codebook_size == 1000
+    cfg = build_config(preset, ["vqvae.quantizer.kind=fsq", "vqvae.quantizer.levels=[8,8,8,6,5]"])
+    assert cfg.vqvae.codebook_size == 15360
+    cfg = build_config(preset, ["vqvae.quantizer=loss", "vqvae.quantizer.codebook_size=64"])  # shorthand for .kind
+    assert cfg.vqvae.quantizer == LossQuantizerConfig(codebook_size=64)
+
+
+def test_setting_the_same_kind_keeps_the_presets_settings() -> None:
+    assert build_config("smoke", ["vqvae.quantizer.kind=ema"]).vqvae.quantizer.decay == 0.95
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["vqvae.quantizer.levels=[8,5,5,5]"],
+     ["unknown config key 'vqvae.quantizer.levels'", "(kind ema); allowed: codebook_size, commitment, "
+      "dead_code_threshold, decay, kind, kmeans_init", "set vqvae.quantizer.kind=fsq before it"]),
+    (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.decay=0.9"],
+     ["'decay' is not in vqvae.quantizer (kind fsq); allowed: kind, levels", "belongs to kind ema"]),
+    (["vqvae.quantizer.kind=vq"], ["vqvae.quantizer.kind: unknown kind 'vq'; allowed: ema, loss, fsq"]),
+    (["vqvae.codebook_size=64"], ["it is a setting of vqvae.quantizer: vqvae.quantizer.codebook_size"]),
+    (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.levels=[8,8,8,8,8,8]"], ["make 262144 codes; allowed: at most"]),
+    (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.levels=[2,5]"], ["levels.0: Input should be greater than"]),
+])
+def test_settings_of_another_kind_fail_on_one_line(overrides: list[str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config("smoke", overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_cli_refuses_another_kinds_setting_with_one_line_and_exit_2() -> None:
+    result = subprocess.run([sys.executable, "vqvae/train.py", "--preset", "smoke", "--print-params",
+                             "vqvae.quantizer.levels=[8,5,5,5]"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "'levels' is not in vqvae.quantizer (kind ema); allowed: codebook_size" in lines[0]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), [("smoke", ["vqvae.quantizer.kind=fsq"]),
+                                                   ("seed", ["vqvae.quantizer.kind=ema"]),
+                                                   ("improved", ["vqvae.quantizer.kind=loss"])])
+def test_saved_config_of_another_kind_than_its_preset_loads_back(tmp_path: Path, preset: str,
+                                                                 overrides: list[str]) -> None:
+    cfg = build_config(preset, overrides)
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+    assert load_config(tmp_path / "config.json", ["vqvae.quantizer.kind=fsq"]).vqvae.quantizer == FSQQuantizerConfig()
+
+
+def test_old_config_file_is_refused_with_the_overrides_that_remake_it(tmp_path: Path) -> None:
+    saved = build_config("smoke").model_dump(mode="json")
+    saved["vqvae"] |= {"quantizer": "ema", "codebook_size": 128, "commitment": 0.25, "ema_decay": 0.95,
+                       "dead_code_threshold": 1.0, "kmeans_init": True}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "config.json")
+    message = str(err.value)
+    assert "\n" not in message and "uses the old vqvae quantizer keys" in message and "re-make it" in message
+    overrides = message.split("run_dir=RUN_DIR ", 1)[1].split()
+    assert overrides[0] == "vqvae.quantizer.kind=ema" and "vqvae.quantizer.decay=0.95" in overrides
+    assert build_config("smoke", overrides).vqvae == build_config("smoke").vqvae  # they say the same thing
