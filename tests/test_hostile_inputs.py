@@ -358,7 +358,8 @@ def test_bad_class_trains_refused_and_encode_stops_with_one_line_naming_the_samp
     (99) or counted -1 as VASC in the codes manifest."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    tiny_config(run_dir, "vqvae_train.max_steps=8", "vqvae_train.eval_every=100", "encode.num_tasks=1")
+    # 24 steps: more than two epochs of the ~82 training samples, so both bad samples are certainly read.
+    tiny_config(run_dir, "vqvae_train.max_steps=24", "vqvae_train.eval_every=100", "encode.num_tasks=1")
     shutil.copytree(tiny_data, run_dir / "data")
     good = [{"__key__": f"ok_{i}", "jpg": _jpg(32, i % 7), "cls": str(i % 7).encode(), "json": b"{}"}
             for i in range(4)]
