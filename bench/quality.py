@@ -148,7 +148,8 @@ def _measure(root: Path, name: str) -> dict[str, float]:
     cfg = load_config(run_dir / "config.json")
     evaluation = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
     return {"vqvae_steps": cfg.vqvae_train.max_steps,
-            "vqvae_train_s": stage_timings(RunLayout(run_dir)).get("vqvae", float("nan")),
+            # A linked VQ-VAE (ham128-gated) was timed in the run that trained it.
+            "vqvae_train_s": stage_timings(RunLayout((run_dir / "vqvae").resolve().parent)).get("vqvae", float("nan")),
             "codes_per_image": cfg.data.image_size ** 2 // cfg.downsample_factor ** 2 * (
                 (cfg.vqvae.channels[-1] // cfg.vqvae.code_dim) if cfg.vqvae.arch == "seed" else 1),
             "codes_used": _codes_used(run_dir, cfg.vqvae.codebook_size),
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for path in (args.images, args.csv):
         if not path.exists():
-            sys.exit(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)")
+            print(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)",
+                  file=sys.stderr)
+            sys.exit(2)
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     runs = _run_configs(args)

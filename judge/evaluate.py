@@ -24,6 +24,7 @@ import io
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,8 +253,10 @@ def _table(result: dict[str, Any], path: Path) -> str:
     if "classifier_accuracy" in m:
         rows += [("classifier accuracy", f"{m['classifier_accuracy']:.3f} (balanced "
                                          f"{m['classifier_balanced_accuracy']:.3f}, chance {m['chance']:.3f})")]
+    kinds = Counter(s["kind"] for s in result["skipped"])
+    skipped = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
     head = (f"{result['images_judged']} images from {result['images']} judged with {result['run_dir']} "
-            f"({len(result['skipped'])} skipped)")
+            f"(skipped: {skipped})")
     return "\n".join([head, *(f"  {name:<36} {value}" for name, value in rows), f"written: {path}"])
 
 
