@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from runtime.files import atomic_path
 
@@ -18,6 +17,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, padding: int = 2,
               row_labels: Sequence[str] | None = None) -> Path:
     """``images``: N×3×H×W floats in [0, 1], laid out ``nrow`` per row; ``row_labels`` (one per row, e.g. the
     class names of a per-class sample grid) are written on a white margin left of their rows."""
+    from torchvision.utils import make_grid  # imported here: torchvision's import costs ~1 s at start-up
+
     grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0)
     # Rounded as torchvision's save_image does.
     picture = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).byte().permute(1, 2, 0).numpy())

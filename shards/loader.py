@@ -23,10 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from runtime.config import CLASSES, ConfigError, OptimConfig
 from runtime.log import get_logger
@@ -172,17 +170,23 @@ def apply_augment(image: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """One uint8 C x H x W image (CPU or GPU) rotated (nearest, zero fill, as torchvision's default) and flipped."""
     angle, hflip, vflip = draws.tolist()
     if angle:
+        # Imported here: torchvision's import pulls in all its models (~1 s), which stages that never
+        # augment (encode, prior training, sampling) should not pay at start-up.
+        import torchvision.transforms.v2.functional as TF
+
         image = TF.rotate(image, angle)
     if hflip:
-        image = TF.horizontal_flip(image)
+        image = image.flip(-1)
     if vflip:
-        image = TF.vertical_flip(image)
+        image = image.flip(-2)
     return image
 
 
 def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: int) -> dict[str, Any]:
     """A deferred batch (ImageDecoder(defer=True)) as the usual ``image`` float batch on ``device``: JPEGs are
     decoded in one batched call there (nvJPEG on a GPU), anything else on the CPU, then augmented there."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # see apply_augment
+
     encoded = [torch.as_tensor(e) for e in batch.pop("encoded", [])]  # the DataLoader may have converted them
     draws = batch.pop("augment")
     images: list[torch.Tensor | None] = [None] * len(encoded)
