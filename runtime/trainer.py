@@ -170,12 +170,13 @@ def make_accelerator(optim: OptimConfig, timeout_s: int) -> Accelerator:
     )
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true where any rank's is true: one all-reduce for all of them."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _sync_point(optim: OptimConfig, step: int) -> bool:
@@ -315,8 +316,8 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
         if not _sync_point(optim, state.step):
             continue
 
-        stopping = _any_rank(stop.requested, accelerator.device)
-        if _any_rank(bool(bad_step >= 0), accelerator.device):
+        stopping, diverged = _any_rank([stop.requested, bool(bad_step >= 0)], accelerator.device)
+        if diverged:
             bar.close()  # the error message gets a line of its own
             raise NonFiniteLossError(
                 f"{task.stage}: loss became {_first_bad(bad_step, bad_loss, accelerator)} on at least one rank; "
