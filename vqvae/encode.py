@@ -60,13 +60,13 @@ class _WithMetadata(ImageDecoder):
         return super().__call__(key, members, epoch) | {"json": meta}
 
 
-def encode_shard(model: torch.nn.Module, source: Path, output: Path, image_size: int,
+def encode_shard(model: torch.nn.Module, source: Path, manifest: dict[str, Any], output: Path, image_size: int,
                  codebook_size: int, batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
-    """Encode one shard (batched, no augmentation); returns (samples, per-class counts)."""
+    """Encode one shard (batched, no augmentation) of the split whose checked manifest is ``manifest``;
+    returns (samples, per-class counts)."""
     class_counts = dict.fromkeys(CLASSES, 0)
     written, dropped = 0, []
     # Bound to the split's manifest: a split packed at another size than the data stage says is refused.
-    manifest = split_manifest(source.parent)
     decode = _WithMetadata(image_size).for_split(source.parent, manifest)
     offsets = next(s["offsets"] for s in manifest["shards"] if s["name"] == source.name)
     stream = ShardStream(shards=[source], offsets=[offsets], batch_size=batch_size, decode=decode, collate=collate,
@@ -134,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
     grid = model.code_grid(image_size)
 
     items = work_items(data_dir)
+    # Each split's manifest checked once (its sample index is as long as the split), not once per shard.
+    manifests = {split: split_manifest(data_dir / split) for split in {split for split, _, _ in items}}
     run.claim()
     started, total = time.perf_counter(), 0
     for split, name, _ in [item for index in indices for item in items[index::count]]:
@@ -141,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
         if is_done(output, run.identity):
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
-        n, class_counts = encode_shard(model, data_dir / split / name, output, image_size,
+        n, class_counts = encode_shard(model, data_dir / split / name, manifests[split], output, image_size,
                                        cfg.vqvae.codebook_size, cfg.encode.batch_size, device)
         mark_done(output, run.identity, count=n, class_counts=class_counts, offsets=sample_offsets(output))
         total += n
