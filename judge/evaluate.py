@@ -107,6 +107,12 @@ class _Judged:
                 **{f"recon_{k}": v for k, v in self.meter.result().items() if k in ("psnr", "ssim", "mse")}}
 
 
+def recall_per_class(guesses: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Per class present in ``truth``: the fraction of its items the judge calls that class."""
+    return {CLASSES[c]: float((guesses[truth == c] == c).float().mean()) for c in range(len(CLASSES))
+            if (truth == c).any()}
+
+
 @torch.no_grad()
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
     run = begin_stage(cfg, "evaluate")
@@ -125,11 +131,13 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     sample_features, sample_guesses, sample_labels = _samples(cfg, run.manifests["sample"], classifier)
 
     real_features = torch.cat(judged.real)
-    per_class = {CLASSES[c]: float((sample_guesses[sample_labels == c] == c).float().mean())
-                 for c in range(len(CLASSES)) if (sample_labels == c).any()}
+    per_class = recall_per_class(sample_guesses, sample_labels)
+    val_guesses, val_truth = torch.cat(judged.guesses), torch.cat(val_labels)
     recon = judged.reconstruction()
     metrics = {
-        "classifier_val_accuracy": float((torch.cat(judged.guesses) == torch.cat(val_labels)).float().mean()),
+        "classifier_val_accuracy": float((val_guesses == val_truth).float().mean()),
+        # The mean per-class recall on real images: what sample_class_agreement would be for perfect samples.
+        "classifier_val_balanced_accuracy": float(np.mean(list(recall_per_class(val_guesses, val_truth).values()))),
         "chance": 1.0 / len(CLASSES),
         "fd_reconstructions": recon.pop("fd_reconstructions"),
         "fd_samples": frechet_distance(real_features, sample_features),
@@ -227,8 +235,7 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
                                "fd_samples": frechet_distance(torch.cat(judged.real), sample_features)}
     if csv is not None:
         truth, guesses = torch.tensor(labels), torch.cat(judged.guesses)
-        per_class = {CLASSES[c]: float((guesses[truth == c] == c).float().mean())
-                     for c in range(len(CLASSES)) if (truth == c).any()}
+        per_class = recall_per_class(guesses, truth)
         metrics |= {"classifier_accuracy": float((guesses == truth).float().mean()),
                     "classifier_balanced_accuracy": float(np.mean(list(per_class.values()))),
                     "classifier_accuracy_per_class": per_class, "chance": 1.0 / len(CLASSES)}

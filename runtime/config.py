@@ -329,6 +329,10 @@ class ClassifierConfig(_Strict):
     features give Fréchet distances without pretrained weights."""
 
     width: int = Field(32, ge=4, le=512, description="channels of the first of four stride-2 conv blocks")
+    balance: Literal["none", "sqrt", "inverse"] = Field("inverse", description=(
+        "class weights of the judge's loss, from the train split's class counts: inverse = 1/count (every "
+        "class weighs the same in total), sqrt = 1/sqrt(count), none = plain cross-entropy; real lesion "
+        "sets are mostly NV, and an unweighted judge calls nearly every sample NV"))
 
 
 class EvaluateConfig(_Strict):

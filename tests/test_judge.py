@@ -17,6 +17,8 @@ from helpers import REPO, stage_env, tiny_config
 from PIL import Image
 
 from judge.classifier import frechet_distance
+from judge.train import class_weights
+from runtime.errors import UserError
 
 
 def test_frechet_distance_matches_closed_forms() -> None:
@@ -31,6 +33,37 @@ def test_frechet_distance_matches_closed_forms() -> None:
     assert frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(a[:1], a)
+
+
+def test_class_weights_make_every_class_weigh_the_same() -> None:
+    counts = {"MEL": 100, "NV": 700, "BCC": 50, "AKIEC": 30, "BKL": 110, "DF": 10, "VASC": 0}
+    n = torch.tensor([100, 700, 50, 30, 110, 10, 0], dtype=torch.float32)
+    inverse = class_weights(counts, "inverse", Path("m.json"))
+    totals = inverse * n  # each present class's share of the summed loss weight
+    assert torch.allclose(totals[:6], totals[0].expand(6)) and inverse[6] == 0  # absent class: weight 0
+    assert float((inverse * n).sum() / n.sum()) == pytest.approx(1.0)  # mean weight over the samples: 1
+    sqrt = class_weights(counts, "sqrt", Path("m.json"))
+    assert float(sqrt[5] / sqrt[1]) == pytest.approx((700 / 10) ** 0.5, rel=1e-5)
+    assert torch.equal(class_weights(counts, "none", Path("m.json"))[:6], torch.ones(6))
+    for bad in ({"NV": -1}, {"NV": 2.5}, {"NV": True}, {}):
+        with pytest.raises(UserError, match=r"m\.json"):
+            class_weights(bad, "inverse", Path("m.json"))
+
+
+def test_balanced_judge_loss_weights_each_sample_by_its_class() -> None:
+    from judge.train import ClassifierTask
+    from runtime.config import build_config
+
+    torch.manual_seed(0)
+    weights = torch.tensor([2.0, 0.5, 1, 1, 1, 1, 1])
+    task = ClassifierTask(build_config("smoke", []), Path("val"), weights)
+    model = task.build_model()
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 1, 0])}
+    loss, _ = task.loss(model, batch)
+    per_sample = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"], reduction="none")
+    assert float(loss) == pytest.approx(float((per_sample * weights[batch["label"]]).mean()), rel=1e-5)
+    empty = {"image": torch.rand(0, 3, 32, 32), "label": torch.zeros(0, dtype=torch.long)}
+    assert float(task.loss(model, empty)[0]) == 0.0
 
 
 def _pipeline(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,7 +81,7 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
     first = _pipeline(config)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
-    for key in ("classifier_val_accuracy", "fd_reconstructions", "fd_samples", "fd_real_train_floor",
+    for key in ("classifier_val_accuracy", "classifier_val_balanced_accuracy", "fd_reconstructions", "fd_samples", "fd_real_train_floor",
                 "sample_class_agreement", "recon_psnr"):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key  # present, not NaN
     assert metrics["fd_reconstructions"] >= 0 and metrics["fd_samples"] >= 0
