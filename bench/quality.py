@@ -7,7 +7,8 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 
 * ``seed``: ``--preset seed`` at 128 px (the report's VQ-VAE and unconditional masked PixelCNN);
 * ``ham128``: ``--preset ham128`` (transformer prior);
-* ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior.
+* ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior;
+* ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys).
 
 **Equal VQ-VAE training time**: each VQ-VAE's training step is timed side by side first (1 thread, its own
 batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
@@ -88,9 +89,11 @@ def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     prior = [f"prior_train.max_steps={args.prior_steps}", f"prior_train.checkpoint_every={args.prior_steps}",
              f"prior_train.eval_every={args.prior_steps}", "prior_train.num_workers=1"]
     small = [*prior, "prior_train.lr=1e-3", f"prior_train.warmup_steps={args.prior_steps // 20}"]
-    return {"seed": ("seed", [*judge, *prior]),
+    plain = "sample.guidance_scale=1.0"  # no classifier-free guidance: seed's prior is unconditional, gated's has none
+    return {"seed": ("seed", [*judge, *prior, plain]),
             "ham128": ("ham128", [*judge, *small, *SMALL_TRANSFORMER]),
-            "ham128-gated": ("ham128", [*judge, *small, *SMALL_GATED])}
+            "ham128-gated": ("ham128", [*judge, *small, *SMALL_GATED, plain]),
+            "ham128-unguided": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, plain])}
 
 
 def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float) -> list[str]:
@@ -161,7 +164,8 @@ _METRICS = (  # key, unit, the run it is compared with (None: the seed run)
     ("recon_psnr", "dB", None), ("recon_ssim", "", None), ("fd_reconstructions", "FD", None),
     ("codes_used", "fraction of K", None), ("codes_per_image", "codes", None), ("bits_per_code", "bits", None),
     ("fd_samples", "FD", "ham128-gated"), ("sample_class_agreement", "rate (chance 0.143)", None),
-    ("classifier_val_accuracy", "rate", None), ("fd_real_train_floor", "FD", None),
+    ("classifier_val_accuracy", "rate", None), ("classifier_val_balanced_accuracy", "rate", None),
+    ("fd_real_train_floor", "FD", None),
     ("vqvae_steps", "steps", None), ("vqvae_train_s", "s", None),
 )
 
@@ -187,7 +191,10 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
             f"samples: FD x{sample_ratio:.2f} vs the gated PixelCNN (target <= 0.5x): "
             f"{'MET' if sample_ratio <= 0.5 else 'MISSED'}",
             f"class agreement: {best['sample_class_agreement']:.3f} = {agreement:.2f}x chance (target >= 3x): "
-            f"{'MET' if agreement >= 3 else 'MISSED'}"]
+            f"{'MET' if agreement >= 3 else 'MISSED'}; without guidance "
+            f"{results['ham128-unguided']['sample_class_agreement']:.3f} (sample FD "
+            f"{results['ham128-unguided']['fd_samples']:.3f}); the judge's balanced accuracy on real images "
+            f"{best['classifier_val_balanced_accuracy']:.3f}"]
 
 
 def _grids(root: Path, count: int = 8) -> None:
@@ -235,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the run directories go (not inside the repository)")
     parser.add_argument("--images", type=Path, default=SHARED_HAM / "images")
     parser.add_argument("--csv", type=Path, default=SHARED_HAM / "HAM10000_metadata.csv")
-    parser.add_argument("--prior-steps", type=int, default=600)
-    parser.add_argument("--classifier-steps", type=int, default=1000)
+    parser.add_argument("--prior-steps", type=int, default=1000)
+    parser.add_argument("--classifier-steps", type=int, default=4000)
     parser.add_argument("--per-class", type=int, default=24, help="samples drawn per class")
     args = parser.parse_args(argv)
     for path in (args.images, args.csv):
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}
     step = {name: _step_seconds(configs[name]) for name in ("seed", "ham128")}
     print("VQ-VAE step seconds (1 thread): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()), flush=True)
-    vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name != "ham128-gated" else "ham128"])
+    vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step["seed" if name == "seed" else "ham128"])
           for name in runs}
 
     # One packed data set for every run (their data sections are the same, so are their data identities).
@@ -269,12 +276,16 @@ def main(argv: list[str] | None = None) -> None:
                              cpus[i] if len(cpus) >= 2 else None)
              for i, name in enumerate(("seed", "ham128"))}
     _wait({"ham128": procs.pop("ham128")}, root)
-    gated = root / "ham128-gated"
-    gated.mkdir(exist_ok=True)
-    for folder in ("data", "vqvae", "codes", "classifier"):
-        _link(root / "ham128" / folder, gated / folder)
-    procs["ham128-gated"] = _pipeline(gated, runs["ham128-gated"][0], [*runs["ham128-gated"][1], *vq["ham128-gated"]],
-                                      root / "ham128-gated.log", None)
+    for name, shared in (("ham128-gated", ("data", "vqvae", "codes", "classifier")),
+                         ("ham128-unguided", ("data", "vqvae", "codes", "prior", "classifier"))):
+        (root / name).mkdir(exist_ok=True)
+        for folder in shared:
+            _link(root / "ham128" / folder, root / name / folder)
+    procs["ham128-gated"] = _pipeline(root / "ham128-gated", runs["ham128-gated"][0],
+                                      [*runs["ham128-gated"][1], *vq["ham128-gated"]], root / "ham128-gated.log", None)
+    _wait({"ham128-unguided": _pipeline(root / "ham128-unguided", runs["ham128-unguided"][0],
+                                        [*runs["ham128-unguided"][1], *vq["ham128-unguided"]],
+                                        root / "ham128-unguided.log", None)}, root)
     _wait(procs, root)
     print(f"all runs done in {(time.time() - started) / 60:.1f} min", flush=True)
 

@@ -15,41 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from judge.classifier import build_classifier
+from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
-from runtime.errors import UserError
 from runtime.lineage import begin_stage
 from runtime.stages import RunLayout
 from runtime.trainer import TrainPlan, train
 from shards.loader import ShardTrainData, make_eval_loader
-
-
-def class_weights(counts: dict[str, Any], balance: str, where: Path) -> torch.Tensor:
-    """Loss weight of each class (CLASSES order) from the train split's counts: count^-1 (inverse),
-    count^-1/2 (sqrt) or 1 (none), scaled so the mean weight over the train samples is 1 (the loss keeps its
-    scale); a class without train samples weighs 0."""
-    n = []
-    for name in CLASSES:
-        value = counts.get(name, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{where}: splits.train.class_counts.{name} is {value!r}, not a count; re-run the "
-                            "data stage")
-        n.append(value)
-    counts_t = torch.tensor(n, dtype=torch.float64)
-    if counts_t.sum() == 0:
-        raise UserError(f"{where}: the train split has no labelled samples; re-run the data stage")
-    power = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}[balance]
-    weights = torch.where(counts_t > 0, counts_t.clamp_min(1) ** -power, torch.zeros_like(counts_t))
-    return (weights * counts_t.sum() / (weights * counts_t).sum()).float()
-
-
-def _train_counts(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
-    splits = manifest.get("splits")
-    train = splits.get("train") if isinstance(splits, dict) else None
-    counts = train.get("class_counts") if isinstance(train, dict) else None
-    if not isinstance(counts, dict):
-        raise UserError(f"{where}: no splits.train.class_counts; re-run the data stage")
-    return counts
 
 
 class ClassifierTask:
@@ -94,8 +66,7 @@ class ClassifierTask:
 def build_plan(cfg: RunConfig, resume: str) -> tuple[ClassifierTask, TrainPlan]:
     run = begin_stage(cfg, "classifier")
     data_dir = RunLayout.of(cfg).stage_dir("data")
-    weights = class_weights(_train_counts(run.manifests["data"], data_dir / "manifest.json"),
-                            cfg.classifier.balance, data_dir / "manifest.json")
+    weights = split_class_weights(run.manifests["data"], cfg.classifier.balance, data_dir / "manifest.json")
     plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.classifier_train),
                      optim=cfg.classifier_train, config=cfg, resume=resume)
     return ClassifierTask(cfg, data_dir / "val", weights), plan

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from prior.codes import CodeDecoder, code_histogram_kl, make_code_eval_loader
 from prior.models import build_prior
+from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
 from runtime.lineage import begin_stage
 from runtime.seeding import torch_generator
-from runtime.stages import RunLayout
+from runtime.stages import MANIFEST, RunLayout
 from runtime.trainer import TrainPlan, train
 from shards.loader import ShardTrainData
 
@@ -38,6 +39,7 @@ class PriorTask:
         self.codes_dir = codes_dir
         self.codebook_size = int(codes_manifest["codebook_size"])
         self.grid = tuple(codes_manifest["grid"])
+        self.weights = split_class_weights(codes_manifest, cfg.prior.balance, codes_dir / MANIFEST)
 
     def build_model(self) -> torch.nn.Module:
         return build_prior(self.cfg.prior, self.codebook_size, len(CLASSES))
@@ -51,8 +53,12 @@ class PriorTask:
         # Cross-entropy over the code index at every position: the report instead regressed one-hot
         # vectors with MSE, which is not a likelihood and cannot be sampled from consistently.
         # Summed then divided by max(n, 1): an empty batch (damaged shards) gives zero gradient, not NaN.
-        nll = F.cross_entropy(logits.float(), codes, reduction="sum") / max(codes.numel(), 1)
-        return nll, {"bits_per_code": nll.detach() / LN2}
+        # Each image's codes weigh as its class (prior.balance; the weights average 1 over the data).
+        per_image = F.cross_entropy(logits.float(), codes, reduction="none").flatten(1).sum(1)
+        self.weights = self.weights.to(per_image.device)
+        nll = (per_image * self.weights[batch["label"]]).sum() / max(codes.numel(), 1)
+        bits = per_image.detach().sum() / max(codes.numel(), 1) / LN2
+        return nll, {"bits_per_code": bits}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:

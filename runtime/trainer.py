@@ -322,7 +322,8 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
             raise NonFiniteLossError(
                 f"{task.stage}: loss became {_first_bad(bad_step, bad_loss, accelerator)} on at least one rank; "
                 f"no weights after it were saved. Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none'}. "
-                f"Try a lower learning rate ({task.stage}_train.lr={optim.lr}) or grad_clip.")
+                f"Try a lower learning rate ({task.stage}_train.lr={optim.lr}"
+                f"{'' if critic is None else ', or the critic: vqvae_train.adversarial.lr / .weight'}) or grad_clip.")
         if state.step % optim.log_every == 0 or state.step == optim.max_steps:
             scalars = {"loss": loss.detach(), **{k: v.detach() for k, v in extras.items()}}
             means = {k: accelerator.reduce(v.float().reshape(1), "mean").item() for k, v in scalars.items()}

@@ -99,13 +99,20 @@ def _train(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=stage_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_a_discriminator_too_deep_for_the_images_is_one_line_exit_2(tiny_run) -> None:
-    cfg, config = tiny_run(*ADV, "vqvae_train.adversarial.disc_layers=4")  # 32 px; 4 layers need 48
-    result = _train(config)
+def test_a_discriminator_too_deep_for_the_images_is_refused_when_planning(tmp_path: Path) -> None:
+    expected = ("vqvae_train.adversarial.disc_layers=4 is too deep for data.image_size=32: the discriminator "
+                "needs images of at least 48 px; allowed: disc_layers <= 3")
+    too_deep = [*ADV, "vqvae_train.adversarial.disc_layers=4", "data.image_size=32", "vqvae.channels=[16,32]"]
+    with pytest.raises(ConfigError, match=expected):
+        build_config("smoke", too_deep)
+    build_config("smoke", [*too_deep[:-3], "vqvae_train.adversarial.disc_layers=3", *too_deep[-2:]])  # fits
+    # The dry run refuses it in one line, before any stage runs (it used to wait for the vqvae stage).
+    result = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "smoke", *too_deep,
+                             f"run_dir={tmp_path / 'run'}", "--dry-run"], cwd=REPO, env=stage_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert ("error: vqvae_train.adversarial.disc_layers=4 is too deep for data.image_size=32: the discriminator "
-            "needs images of at least 48 px; allowed: disc_layers <= 3") in result.stderr
-    assert not (cfg.run_dir / "vqvae").exists()
+    assert expected in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # ----- checkpoints with a critic (in-process) ------------------------------------------------------------

@@ -17,7 +17,7 @@ from helpers import REPO, stage_env, tiny_config
 from PIL import Image
 
 from judge.classifier import frechet_distance
-from judge.train import class_weights
+from runtime.balance import class_weights
 from runtime.errors import UserError
 
 
@@ -81,8 +81,8 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
     first = _pipeline(config)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
-    for key in ("classifier_val_accuracy", "classifier_val_balanced_accuracy", "fd_reconstructions", "fd_samples", "fd_real_train_floor",
-                "sample_class_agreement", "recon_psnr"):
+    for key in ("classifier_val_accuracy", "classifier_val_balanced_accuracy", "fd_reconstructions", "fd_samples",
+                "fd_real_train_floor", "sample_class_agreement", "recon_psnr"):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key  # present, not NaN
     assert metrics["fd_reconstructions"] >= 0 and metrics["fd_samples"] >= 0
     assert set(metrics["sample_class_agreement_per_class"]) <= {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,25 @@ def test_low_temperature_sampling_is_greedy() -> None:
         logits = model(codes, labels)
     # Each drawn code is the argmax given the codes before it (which are exactly the ones drawn).
     assert torch.equal(logits.argmax(1), codes)
+
+
+def test_balanced_prior_loss_weighs_each_image_as_its_class(tmp_path: Path) -> None:
+    from prior.train import PriorTask
+
+    manifest = {"codebook_size": K, "grid": [SIDE, SIDE],
+                "splits": {"train": {"class_counts": {"MEL": 10, "NV": 90, "BCC": 0}}}}
+    cfg = build_config("smoke", ["prior.balance=inverse", "prior.arch=gated", "prior.filters=16", "prior.layers=2",
+                                 "prior.kernel_size=3", "prior.embed_dim=8"])
+    task = PriorTask(cfg, tmp_path, manifest)
+    assert task.weights[0] * 10 == pytest.approx(float(task.weights[1] * 90))  # MEL and NV weigh the same in total
+    assert float(task.weights[2]) == 0.0  # no BCC in train
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = {"codes": _codes(3), "label": torch.tensor([0, 1, 1])}
+    loss, metrics = task.loss(model, batch)
+    per_image = F.cross_entropy(model(batch["codes"], batch["label"]), batch["codes"], reduction="none").mean((1, 2))
+    assert float(loss) == pytest.approx(float((per_image * task.weights[batch["label"]]).mean()), rel=1e-5)
+    # The logged bits per code stay the unweighted likelihood, comparable with validation.
+    assert float(metrics["bits_per_code"]) == pytest.approx(float(per_image.mean()) / 0.6931471805599453, rel=1e-5)
+    plain = PriorTask(build_config("smoke", []), tmp_path, {"codebook_size": K, "grid": [SIDE, SIDE]})
+    assert torch.equal(plain.weights, torch.ones(7))  # balance=none never reads the class counts

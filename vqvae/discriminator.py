@@ -24,12 +24,6 @@ MAX_WIDTH_FACTOR = 8
 """Widths double per stride-2 layer up to this multiple of the first (pix2pix's cap)."""
 
 
-def min_image_size(layers: int) -> int:
-    """Smallest image side giving at least one patch logit: ``layers`` halvings, then two 4×4 stride-1
-    convs that each take one pixel off the side."""
-    return 3 * 2**layers
-
-
 class PatchDiscriminator(nn.Module):
     """``layers`` 4×4 stride-2 convs (LeakyReLU 0.2, GroupNorm after all but the first), one 4×4 stride-1
     conv, then a 4×4 stride-1 conv to one logit per patch. A 64-px image with 3 layers gives 6×6 logits."""

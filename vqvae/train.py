@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from runtime.cli import run_cli, stage_parser
-from runtime.config import ConfigError, RunConfig, config_from_args
+from runtime.config import RunConfig, config_from_args
 from runtime.images import save_grid
 from runtime.lineage import begin_stage
 from runtime.stages import RunLayout
@@ -31,7 +31,6 @@ from vqvae.discriminator import (
     batch_mean,
     generator_loss,
     hinge_d_loss,
-    min_image_size,
 )
 from vqvae.metrics import ReconstructionMeter
 from vqvae.models import build_vqvae, count_parameters
@@ -110,18 +109,7 @@ class VQVAETask:
         return meter.result(), images_out
 
 
-def check_discriminator_fits(cfg: RunConfig) -> None:
-    """The discriminator must leave at least one patch logit: refused before any work, naming the keys."""
-    adv, size = cfg.vqvae_train.adversarial, cfg.data.image_size
-    if adv.enabled and size < min_image_size(adv.disc_layers):
-        fitting = (size // 3).bit_length() - 1  # the largest n with min_image_size(n) <= size
-        raise ConfigError(f"vqvae_train.adversarial.disc_layers={adv.disc_layers} is too deep for "
-                          f"data.image_size={size}: the discriminator needs images of at least "
-                          f"{min_image_size(adv.disc_layers)} px; allowed: disc_layers <= {fitting}")
-
-
 def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tuple[VQVAETask, TrainPlan]:
-    check_discriminator_fits(cfg)
     run = begin_stage(cfg, "vqvae", folders={"data": data_dir} if data_dir else None)
     data_dir = data_dir or RunLayout.of(cfg).stage_dir("data")
     plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.vqvae_train),

@@ -1,0 +1,50 @@
+"""Class weights for training losses, from a split manifest's class counts. Lesion sets are about two-thirds
+NV, while the judge is scored per class and samples are drawn in equal numbers per class; weighting each
+class's samples by count^-p makes training follow that use instead of the data's imbalance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.config import CLASSES, ClassBalance
+from runtime.errors import UserError
+
+POWERS: dict[ClassBalance, float] = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}
+
+
+def train_class_counts(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
+    """``splits.train.class_counts`` of a data or codes manifest (refused in one line when absent)."""
+    splits = manifest.get("splits")
+    train = splits.get("train") if isinstance(splits, dict) else None
+    counts = train.get("class_counts") if isinstance(train, dict) else None
+    if not isinstance(counts, dict):
+        raise UserError(f"{where}: no splits.train.class_counts; re-make that stage's output")
+    return counts
+
+
+def class_weights(counts: dict[str, Any], balance: ClassBalance, where: Path) -> torch.Tensor:
+    """Loss weight of each class (CLASSES order): count^-1 (inverse: every class weighs the same in total),
+    count^-1/2 (sqrt) or 1 (none), scaled so the mean weight over the train samples is 1 (the loss keeps its
+    scale); a class without train samples weighs 0."""
+    n = []
+    for name in CLASSES:
+        value = counts.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{where}: splits.train.class_counts.{name} is {value!r}, not a count; re-make that "
+                            "stage's output")
+        n.append(value)
+    counts_t = torch.tensor(n, dtype=torch.float64)
+    if counts_t.sum() == 0:
+        raise UserError(f"{where}: the train split has no labelled samples; re-make that stage's output")
+    weights = torch.where(counts_t > 0, counts_t.clamp_min(1) ** -POWERS[balance], torch.zeros_like(counts_t))
+    return (weights * counts_t.sum() / (weights * counts_t).sum()).float()
+
+
+def split_class_weights(manifest: dict[str, Any], balance: ClassBalance, where: Path) -> torch.Tensor:
+    """:func:`class_weights` from a manifest's train split (not read for ``none``: all ones)."""
+    if balance == "none":
+        return torch.ones(len(CLASSES))
+    return class_weights(train_class_counts(manifest, where), balance, where)
