@@ -447,6 +447,7 @@ class RunConfig(_Strict):
             )
         if self.data.source == "isic" and self.data.isic_images is None:
             raise ValueError("data.source=isic needs data.isic_images=/path/to/images")
+        self._guidance_possible()
         adv, size = self.vqvae_train.adversarial, self.data.image_size
         if adv.enabled and size < discriminator_min_size(adv.disc_layers):
             fitting = (size // 3).bit_length() - 1  # the largest n with discriminator_min_size(n) <= size
@@ -454,6 +455,18 @@ class RunConfig(_Strict):
                              f"data.image_size={size}: the discriminator needs images of at least "
                              f"{discriminator_min_size(adv.disc_layers)} px; allowed: disc_layers <= {fitting}")
         return self
+
+    def _guidance_possible(self) -> None:
+        """Classifier-free guidance needs a null class: refused when planning, not after the prior trained."""
+        prior = self.prior
+        needs = [text for broken, text in (
+            (prior.arch != "transformer", "prior.arch=transformer (the PixelCNNs have no null class)"),
+            (not prior.conditional, "prior.conditional=true"),
+            (prior.label_dropout == 0, "prior.label_dropout > 0 (the null class is learned from dropped labels)"),
+        ) if broken]
+        if self.sample.guidance_scale != 1.0 and needs:
+            raise ValueError(f"sample.guidance_scale={self.sample.guidance_scale} (classifier-free guidance) needs "
+                             f"{' and '.join(needs)}; allowed with this prior: sample.guidance_scale=1")
 
     # ----- derived facts every stage agrees on -------------------------------------------------
     @property

@@ -80,3 +80,20 @@ def test_ratios_divide_by_the_named_baseline_of_the_same_bench() -> None:
     meta = {"host": "h", "device": "cpu", "cpu_model": "m", "cpu_cores": 2, "torch": "t", "python": "p",
             "date": "d", "quick": True}
     assert "| a | fast | 10 | x/s | base | 2.50 |  |" in markdown(table, meta)
+
+
+def test_quality_verdicts_follow_the_issue_targets() -> None:
+    """``bench quality`` takes ~45 min of real training, so only its verdict logic runs here."""
+    from bench.quality import _verdicts
+
+    base = {"recon_psnr": 25.0, "fd_reconstructions": 0.2, "fd_samples": 1.0, "sample_class_agreement": 0.14,
+            "classifier_val_balanced_accuracy": 0.5}
+    results = {"seed": base, "ham128-gated": base, "ham128-unguided": base,
+               "ham128": base | {"recon_psnr": 27.1, "fd_samples": 0.5, "sample_class_agreement": 0.43}}
+    assert [line.endswith("MET") or "MET;" in line for line in _verdicts(results)] == [True, True, True]
+    # +1 dB only: met through the Fréchet distance alone when it halves (PSNR no worse), missed otherwise.
+    worse = results | {"ham128": results["ham128"] | {"recon_psnr": 26.0, "fd_samples": 0.51,
+                                                      "sample_class_agreement": 0.42}}
+    assert ["MISSED" in line for line in _verdicts(worse)] == [True, True, True]
+    halved = worse | {"ham128": worse["ham128"] | {"fd_reconstructions": 0.1}}
+    assert "MET" in _verdicts(halved)[0] and "MISSED" not in _verdicts(halved)[0]

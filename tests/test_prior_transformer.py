@@ -3,6 +3,7 @@ knobs (temperature, top-k, top-p, classifier-free guidance), label dropout, conf
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,18 @@ def test_guidance_needs_a_null_class() -> None:
     with pytest.raises(ConfigError, match="label_dropout=0"):
         _transformer(TRANSFORMER.model_copy(update={"label_dropout": 0.0})).sample(
             1, (2, 2), torch.tensor([0]), 1.0, generator, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize(("overrides", "needs"), [
+    (["prior.arch=gated"], "prior.arch=transformer"),
+    (["prior.arch=transformer", "prior.conditional=false"], "prior.conditional=true"),
+    (["prior.arch=transformer", "prior.label_dropout=0"], "prior.label_dropout > 0"),
+])
+def test_guidance_without_a_null_class_is_refused_when_planning(overrides: list[str], needs: str) -> None:
+    """Refused when the config is built (so by the dry run), not once the prior has trained."""
+    with pytest.raises(ConfigError, match=rf"sample\.guidance_scale=2\.0 .*needs {re.escape(needs)}"):
+        build_config("improved", [*overrides, "sample.guidance_scale=2"])
+    assert build_config("improved", [*overrides, "sample.guidance_scale=1"]).sample.guidance_scale == 1.0
 
 
 # ----- label dropout --------------------------------------------------------------------------------
