@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior-steps", type=int, default=1000)
     parser.add_argument("--classifier-steps", type=int, default=4000)
     parser.add_argument("--per-class", type=int, default=24, help="samples drawn per class")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
+    if args.measure_only:
+        _report(args.root.resolve(), list(_run_configs(args)), reevaluate=True)
+        return
     for path in (args.images, args.csv):
         if not path.exists():
             print(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)",
@@ -291,8 +296,19 @@ def main(argv: list[str] | None = None) -> None:
                                         root / "ham128-unguided.log", None)}, root)
     _wait(procs, root)
     print(f"all runs done in {(time.time() - started) / 60:.1f} min", flush=True)
+    _report(root, list(runs), reevaluate=False)
 
-    results = {name: _measure(root, name) for name in runs}
+
+def _report(root: Path, names: list[str], reevaluate: bool) -> None:
+    """Measure the finished runs under ``root``; ``reevaluate``: first re-run their evaluate stage (a changed
+    judge or metric), which trains nothing."""
+    for name in names if reevaluate else ():
+        done = subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(root / name / "config.json"),
+                               "--only", "evaluate"], cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": "disabled"},
+                              check=False)
+        if done.returncode != 0:
+            sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
+    results = {name: _measure(root, name) for name in names}
     _grids(root)
     md, js = write_results(_rows(results), root, quick=False)
     print(md.read_text())

@@ -36,14 +36,28 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> LesionClassifie
     return LesionClassifier(cfg.width, num_classes)
 
 
-def frechet_distance(a: Tensor, b: Tensor) -> float:
+def frechet_distance(a: Tensor, b: Tensor, weights_a: Tensor | None = None) -> float:
     """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2) between two feature sets (rows = samples),
-    in float64; the matrix square root through the symmetric C_a^1/2 C_b C_a^1/2 (eigh, no scipy)."""
+    in float64; the matrix square root through the symmetric C_a^1/2 C_b C_a^1/2 (eigh, no scipy).
+    ``weights_a``: one non-negative weight per row of ``a`` (weighted mean and covariance)."""
     a, b = a.double(), b.double()
-    if min(len(a), len(b)) < 2:
+    used = len(a) if weights_a is None else int((weights_a > 0).sum())
+    if min(used, len(b)) < 2:
         raise ValueError("a Fréchet distance needs at least 2 samples on each side")
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    w = None if weights_a is None else weights_a.double()
+    mean_a = a.mean(0) if w is None else (w[:, None] * a).sum(0) / w.sum()
+    cov_a, cov_b = torch.cov(a.T, aweights=w), torch.cov(b.T)
     vals, vecs = torch.linalg.eigh(cov_a)
     root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    return float((mean_a - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def class_matched_weights(real_labels: Tensor, sample_labels: Tensor) -> Tensor:
+    """A weight per real image, q(c) / p(c), that gives the real images the samples' class mix q. The sample
+    stage draws every class equally while real lesion sets are mostly NV: unweighted, the Fréchet distance of
+    class-conditional samples would measure that mix (and grow as samples become more class-faithful)."""
+    classes = int(max(real_labels.max(), sample_labels.max())) + 1
+    p = torch.bincount(real_labels, minlength=classes).double() / len(real_labels)
+    q = torch.bincount(sample_labels, minlength=classes).double() / len(sample_labels)
+    return torch.where(p > 0, q / p.clamp_min(1e-12), torch.zeros_like(p))[real_labels]

@@ -34,7 +34,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from judge.classifier import LesionClassifier, build_classifier, frechet_distance
+from judge.classifier import LesionClassifier, build_classifier, class_matched_weights, frechet_distance
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, DataConfig, RunConfig, config_from_args
@@ -107,6 +107,12 @@ class _Judged:
                 **{f"recon_{k}": v for k, v in self.meter.result().items() if k in ("psnr", "ssim", "mse")}}
 
 
+def _real_weights(cfg: RunConfig, real_labels: torch.Tensor, sample_labels: torch.Tensor) -> torch.Tensor | None:
+    """Real images weighted to the samples' class mix when the samples were drawn per class (a conditional
+    prior); None (unweighted) for an unconditional prior, whose samples follow the data's own mix."""
+    return class_matched_weights(real_labels, sample_labels) if cfg.prior.conditional else None
+
+
 def recall_per_class(guesses: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """Per class present in ``truth``: the fraction of its items the judge calls that class."""
     return {CLASSES[c]: float((guesses[truth == c] == c).float().mean()) for c in range(len(CLASSES))
@@ -140,7 +146,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         "classifier_val_balanced_accuracy": float(np.mean(list(recall_per_class(val_guesses, val_truth).values()))),
         "chance": 1.0 / len(CLASSES),
         "fd_reconstructions": recon.pop("fd_reconstructions"),
-        "fd_samples": frechet_distance(real_features, sample_features),
+        "fd_samples": frechet_distance(real_features, sample_features, _real_weights(cfg, val_truth, sample_labels)),
         "fd_real_train_floor": frechet_distance(real_features, torch.cat(train_real)),
         "sample_class_agreement": float(np.mean(list(per_class.values()))) if per_class else 0.0,
         "sample_class_agreement_per_class": per_class,
@@ -230,9 +236,10 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
     if len(labels) < 2:
         raise UserError(f"{images_dir}: {len(labels)} readable image(s); judging needs at least 2 (Fréchet "
                         f"distances). Skipped: {summarise(skipped)}")
-    sample_features, _, _ = _samples(cfg, manifests["sample"], classifier)
+    sample_features, _, sample_labels = _samples(cfg, manifests["sample"], classifier)
+    weights = _real_weights(cfg, torch.tensor(labels), sample_labels) if csv is not None else None
     metrics: dict[str, Any] = {**judged.reconstruction(),
-                               "fd_samples": frechet_distance(torch.cat(judged.real), sample_features)}
+                               "fd_samples": frechet_distance(torch.cat(judged.real), sample_features, weights)}
     if csv is not None:
         truth, guesses = torch.tensor(labels), torch.cat(judged.guesses)
         per_class = recall_per_class(guesses, truth)

@@ -16,7 +16,7 @@ from conftest import SHARED_DATA
 from helpers import REPO, stage_env, tiny_config
 from PIL import Image
 
-from judge.classifier import frechet_distance
+from judge.classifier import class_matched_weights, frechet_distance
 from runtime.balance import class_weights
 from runtime.errors import UserError
 
@@ -33,6 +33,21 @@ def test_frechet_distance_matches_closed_forms() -> None:
     assert frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(a[:1], a)
+
+
+def test_weighted_frechet_distance_and_class_matched_weights() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, 4, generator=gen), torch.randn(200, 4, generator=gen) + 0.5
+    assert frechet_distance(a, b, torch.ones(300)) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    keep = torch.arange(300) % 3 == 0  # weight 0 drops a row: the distance of the rows left
+    assert frechet_distance(a, b, keep.double()) == pytest.approx(frechet_distance(a[keep], b), rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(a, b, (torch.arange(300) == 0).double())
+    # Real images 3:1, samples drawn 1:1 (and none of class 2): weighted, each sampled class has equal mass.
+    real, drawn = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 0, 1])
+    weights = class_matched_weights(real, drawn)
+    assert float(weights[real == 0].sum()) == pytest.approx(float(weights[real == 1].sum()))
+    assert float(weights[real == 2].sum()) == 0.0 and float(weights.sum()) == pytest.approx(len(real))
 
 
 def test_class_weights_make_every_class_weigh_the_same() -> None:
