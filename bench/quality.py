@@ -165,7 +165,8 @@ _METRICS = (  # key, unit, the run it is compared with (None: the seed run)
     ("codes_used", "fraction of K", None), ("codes_per_image", "codes", None), ("bits_per_code", "bits", None),
     ("fd_samples", "FD", "ham128-gated"), ("sample_class_agreement", "rate (chance 0.143)", None),
     ("classifier_val_accuracy", "rate", None), ("classifier_val_balanced_accuracy", "rate", None),
-    ("fd_real_train_floor", "FD", None),
+    ("fd_real_train_floor", "FD", None), ("fd_samples_floor", "FD", None),
+    ("classifier_recon_balanced_accuracy", "rate", None),
     ("vqvae_steps", "steps", None), ("vqvae_train_s", "s", None),
 )
 
@@ -189,12 +190,15 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
     return [f"reconstruction: +{psnr_gain:.2f} dB PSNR, recon FD x{fd_ratio:.2f} vs seed "
             f"(target >= +2 dB, or <= 0.5x with PSNR no worse): {'MET' if recon_ok else 'MISSED'}",
             f"samples: FD x{sample_ratio:.2f} vs the gated PixelCNN (target <= 0.5x): "
-            f"{'MET' if sample_ratio <= 0.5 else 'MISSED'}",
+            f"{'MET' if sample_ratio <= 0.5 else 'MISSED'}; a perfect prior would score "
+            f"{best['fd_samples_floor']:.3f} through this VQ-VAE (transformer {best['fd_samples']:.3f}, "
+            f"gated {gated['fd_samples']:.3f})",
             f"class agreement: {best['sample_class_agreement']:.3f} = {agreement:.2f}x chance (target >= 3x): "
             f"{'MET' if agreement >= 3 else 'MISSED'}; without guidance "
             f"{results['ham128-unguided']['sample_class_agreement']:.3f} (sample FD "
-            f"{results['ham128-unguided']['fd_samples']:.3f}); the judge's balanced accuracy on real images "
-            f"{best['classifier_val_balanced_accuracy']:.3f}"]
+            f"{results['ham128-unguided']['fd_samples']:.3f}); gated {gated['sample_class_agreement']:.3f}; the "
+            f"judge's balanced accuracy on real images {best['classifier_val_balanced_accuracy']:.3f}, on their "
+            f"reconstructions {best['classifier_recon_balanced_accuracy']:.3f} (a perfect prior's)"]
 
 
 def _grids(root: Path, count: int = 8) -> None:

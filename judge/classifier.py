@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from runtime.config import ClassifierConfig
+from runtime.config import CLASSES, ClassifierConfig
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -36,21 +36,38 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> LesionClassifie
     return LesionClassifier(cfg.width, num_classes)
 
 
-def frechet_distance(a: Tensor, b: Tensor, weights_a: Tensor | None = None) -> float:
+def _moments(x: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(mean, covariance) of the rows of ``x`` in float64, weighted when ``weights`` are given."""
+    used = len(x) if weights is None else int((weights > 0).sum())
+    if used < 2:
+        raise ValueError("a Fréchet distance needs at least 2 samples on each side")
+    x, w = x.double(), None if weights is None else weights.double()
+    mean = x.mean(0) if w is None else (w[:, None] * x).sum(0) / w.sum()
+    return mean, torch.cov(x.T, aweights=w)
+
+
+def frechet_distance(a: Tensor, b: Tensor, weights_a: Tensor | None = None, weights_b: Tensor | None = None) -> float:
     """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2) between two feature sets (rows = samples),
     in float64; the matrix square root through the symmetric C_a^1/2 C_b C_a^1/2 (eigh, no scipy).
-    ``weights_a``: one non-negative weight per row of ``a`` (weighted mean and covariance)."""
-    a, b = a.double(), b.double()
-    used = len(a) if weights_a is None else int((weights_a > 0).sum())
-    if min(used, len(b)) < 2:
-        raise ValueError("a Fréchet distance needs at least 2 samples on each side")
-    w = None if weights_a is None else weights_a.double()
-    mean_a = a.mean(0) if w is None else (w[:, None] * a).sum(0) / w.sum()
-    cov_a, cov_b = torch.cov(a.T, aweights=w), torch.cov(b.T)
+    ``weights_a``/``weights_b``: one non-negative weight per row (weighted mean and covariance)."""
+    mean_a, cov_a = _moments(a, weights_a)
+    mean_b, cov_b = _moments(b, weights_b)
     vals, vecs = torch.linalg.eigh(cov_a)
     root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((mean_a - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    return float((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def recall_per_class(guesses: Tensor, truth: Tensor) -> dict[str, float]:
+    """Per class present in ``truth``: the fraction of its items the judge calls that class."""
+    return {CLASSES[c]: float((guesses[truth == c] == c).float().mean()) for c in range(len(CLASSES))
+            if (truth == c).any()}
+
+
+def balanced_accuracy(guesses: Tensor, truth: Tensor) -> float:
+    """The mean of :func:`recall_per_class` (0 when ``truth`` is empty): every class counts the same."""
+    recalls = recall_per_class(guesses, truth)
+    return sum(recalls.values()) / len(recalls) if recalls else 0.0
 
 
 def class_matched_weights(real_labels: Tensor, sample_labels: Tensor) -> Tensor:

@@ -6,8 +6,9 @@
 The stage writes RUN_DIR/evaluate/manifest.json with: the classifier's own validation accuracy (how far to
 trust it); Fréchet distances in its feature space between the real validation images and (a) their VQ-VAE
 reconstructions, (b) the prior's samples, and (c) real training images (the floor a perfect model would
-reach with this many images); how often a class-c sample is classified as c, per class; and
-reconstruction PSNR/SSIM.
+reach with this many images); how often a class-c sample is classified as c, per class; what a perfect
+prior would score through this VQ-VAE (both sample metrics on the reconstructions); and reconstruction
+PSNR/SSIM.
 
 ``--images`` judges any other folder of images (e.g. a private set of real ISIC images, of any size) with
 a finished run's models, never retraining anything: each image is read, converted and resized exactly as
@@ -34,7 +35,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from judge.classifier import LesionClassifier, build_classifier, class_matched_weights, frechet_distance
+from judge.classifier import (
+    LesionClassifier,
+    balanced_accuracy,
+    build_classifier,
+    class_matched_weights,
+    frechet_distance,
+    recall_per_class,
+)
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, DataConfig, RunConfig, config_from_args
@@ -94,6 +102,7 @@ class _Judged:
         self.real: list[torch.Tensor] = []
         self.recon: list[torch.Tensor] = []
         self.guesses: list[torch.Tensor] = []
+        self.recon_guesses: list[torch.Tensor] = []
 
     def add(self, images: torch.Tensor) -> None:
         out = self.vqvae(images)
@@ -101,22 +110,25 @@ class _Judged:
         self.real.append(self.classifier.features(images))
         self.recon.append(self.classifier.features(out.recon.float().clamp(0, 1)))
         self.guesses.append(self.classifier.head(self.real[-1]).argmax(1))
+        self.recon_guesses.append(self.classifier.head(self.recon[-1]).argmax(1))
 
     def reconstruction(self) -> dict[str, float]:
         return {"fd_reconstructions": frechet_distance(torch.cat(self.real), torch.cat(self.recon)),
                 **{f"recon_{k}": v for k, v in self.meter.result().items() if k in ("psnr", "ssim", "mse")}}
+
+    def perfect_prior(self, truth: torch.Tensor, weights: torch.Tensor | None) -> dict[str, float]:
+        """What samples would score if the prior were perfect: they would be the decoder's reconstructions of
+        real code grids, in the samples' class mix (``weights``, as the real side of ``fd_samples``). The
+        sample metrics are not expected to beat these (beyond noise); the gap to them is the prior's own."""
+        real, recon = torch.cat(self.real), torch.cat(self.recon)
+        return {"fd_samples_floor": frechet_distance(real, recon, weights, weights),
+                "classifier_recon_balanced_accuracy": balanced_accuracy(torch.cat(self.recon_guesses), truth)}
 
 
 def _real_weights(cfg: RunConfig, real_labels: torch.Tensor, sample_labels: torch.Tensor) -> torch.Tensor | None:
     """Real images weighted to the samples' class mix when the samples were drawn per class (a conditional
     prior); None (unweighted) for an unconditional prior, whose samples follow the data's own mix."""
     return class_matched_weights(real_labels, sample_labels) if cfg.prior.conditional else None
-
-
-def recall_per_class(guesses: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    """Per class present in ``truth``: the fraction of its items the judge calls that class."""
-    return {CLASSES[c]: float((guesses[truth == c] == c).float().mean()) for c in range(len(CLASSES))
-            if (truth == c).any()}
 
 
 @torch.no_grad()
@@ -140,15 +152,17 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     per_class = recall_per_class(sample_guesses, sample_labels)
     val_guesses, val_truth = torch.cat(judged.guesses), torch.cat(val_labels)
     recon = judged.reconstruction()
+    weights = _real_weights(cfg, val_truth, sample_labels)
     metrics = {
         "classifier_val_accuracy": float((val_guesses == val_truth).float().mean()),
         # The mean per-class recall on real images: what sample_class_agreement would be for perfect samples.
-        "classifier_val_balanced_accuracy": float(np.mean(list(recall_per_class(val_guesses, val_truth).values()))),
+        "classifier_val_balanced_accuracy": balanced_accuracy(val_guesses, val_truth),
         "chance": 1.0 / len(CLASSES),
         "fd_reconstructions": recon.pop("fd_reconstructions"),
-        "fd_samples": frechet_distance(real_features, sample_features, _real_weights(cfg, val_truth, sample_labels)),
+        "fd_samples": frechet_distance(real_features, sample_features, weights),
         "fd_real_train_floor": frechet_distance(real_features, torch.cat(train_real)),
-        "sample_class_agreement": float(np.mean(list(per_class.values()))) if per_class else 0.0,
+        **judged.perfect_prior(val_truth, weights),
+        "sample_class_agreement": balanced_accuracy(sample_guesses, sample_labels),
         "sample_class_agreement_per_class": per_class,
         "val_images": len(real_features), "samples": len(sample_labels),
         **recon,
@@ -242,10 +256,10 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
                                "fd_samples": frechet_distance(torch.cat(judged.real), sample_features, weights)}
     if csv is not None:
         truth, guesses = torch.tensor(labels), torch.cat(judged.guesses)
-        per_class = recall_per_class(guesses, truth)
         metrics |= {"classifier_accuracy": float((guesses == truth).float().mean()),
-                    "classifier_balanced_accuracy": float(np.mean(list(per_class.values()))),
-                    "classifier_accuracy_per_class": per_class, "chance": 1.0 / len(CLASSES)}
+                    "classifier_balanced_accuracy": balanced_accuracy(guesses, truth),
+                    "classifier_accuracy_per_class": recall_per_class(guesses, truth), "chance": 1.0 / len(CLASSES),
+                    **judged.perfect_prior(truth, weights)}
     result = {"format": IMAGES_FORMAT, "run_dir": str(layout.root), "run": lineage, "images": str(images_dir),
               "csv": None if csv is None else str(csv), "inputs_fingerprint": fingerprint,
               "image_size": cfg.data.image_size, "images_judged": len(labels), "samples": len(sample_features),
@@ -265,8 +279,10 @@ def _table(result: dict[str, Any], path: Path) -> str:
             ("Fréchet distance, reconstructions", f"{m['fd_reconstructions']:.4g}"),
             ("Fréchet distance, run's samples", f"{m['fd_samples']:.4g} ({result['samples']} samples)")]
     if "classifier_accuracy" in m:
-        rows += [("classifier accuracy", f"{m['classifier_accuracy']:.3f} (balanced "
-                                         f"{m['classifier_balanced_accuracy']:.3f}, chance {m['chance']:.3f})")]
+        rows += [("Fréchet distance, a perfect prior's", f"{m['fd_samples_floor']:.4g}"),
+                 ("classifier accuracy", f"{m['classifier_accuracy']:.3f} (balanced "
+                                         f"{m['classifier_balanced_accuracy']:.3f}, chance {m['chance']:.3f}; "
+                                         f"on reconstructions {m['classifier_recon_balanced_accuracy']:.3f})")]
     kinds = Counter(s["kind"] for s in result["skipped"])
     skipped = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
     head = (f"{result['images_judged']} images from {result['images']} judged with {result['run_dir']} "

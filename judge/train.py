@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from judge.classifier import build_classifier
+from judge.classifier import balanced_accuracy, build_classifier
 from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
@@ -48,19 +48,15 @@ class ClassifierTask:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int, out_dir: Path) -> tuple[dict[str, float], dict[str, Path]]:
         device = next(model.parameters()).device
-        correct = torch.zeros(len(CLASSES))
-        seen = torch.zeros(len(CLASSES))
+        guesses, truth = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
         loader = make_eval_loader(self.val_split, batch_size=self.cfg.classifier_train.batch_size,
                                   max_batches=self.cfg.classifier_train.eval_batches)
         for batch in loader:
-            predicted = model(batch["image"].to(device)).argmax(1).cpu()
-            for label, guess in zip(batch["label"].tolist(), predicted.tolist(), strict=True):
-                seen[label] += 1
-                correct[label] += float(label == guess)
-        present = seen > 0
-        return {"accuracy": float(correct.sum() / seen.sum().clamp_min(1)),
-                "balanced_accuracy": float((correct[present] / seen[present]).mean()) if present.any() else 0.0,
-                "chance": 1.0 / len(CLASSES)}, {}
+            guesses.append(model(batch["image"].to(device)).argmax(1).cpu())
+            truth.append(batch["label"])
+        guessed, labels = torch.cat(guesses), torch.cat(truth)
+        return {"accuracy": float((guessed == labels).float().sum() / max(len(labels), 1)),
+                "balanced_accuracy": balanced_accuracy(guessed, labels), "chance": 1.0 / len(CLASSES)}, {}
 
 
 def build_plan(cfg: RunConfig, resume: str) -> tuple[ClassifierTask, TrainPlan]:

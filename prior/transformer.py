@@ -6,9 +6,13 @@ embeddings of the position being predicted (t // W, t % W). Causal self-attentio
 (``scaled_dot_product_attention(is_causal=True)``) lets slot t see slots ≤ t only, i.e. the class and
 codes strictly before t, so ``forward`` keeps the :class:`AutoregressivePrior` contract.
 
-Class conditioning and classifier-free guidance: the class token is a learned embedding of one of
-``num_classes + 1`` indices, the last (:attr:`TransformerPrior.null_class`) meaning "no class". In
-training, ``label_dropout`` of the labels are replaced by it (drawn from torch's global RNG, which
+Class conditioning and classifier-free guidance: the class is one of ``num_classes + 1`` indices, the last
+(:attr:`TransformerPrior.null_class`) meaning "no class". It enters twice: as the token at slot 0, and as
+a per-class gain and shift of both LayerNorms in every block (conditional LayerNorm, the adaLN of DiT
+without its MLP), so every position in every layer sees the class directly. With the class token alone,
+class fidelity depended on attention carrying one slot's content to all 256 positions: in ``bench quality``
+its samples were classified as their class at 1.3x chance, the gated PixelCNN's (class bias in every
+layer) at 2.2x. In training, ``label_dropout`` of the labels are replaced by it (drawn from torch's global RNG, which
 the trainer seeds and checkpoints, so a run and its resumption drop the same labels), so one model
 learns both p(codes | class) and p(codes). Sampling with guidance scale s runs the B conditional and
 B null-class rows as one batch of 2B and draws from uncond + s·(cond − uncond).
@@ -84,18 +88,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + attn(cLN(x)), then x + MLP(cLN(x)), where cLN is a LayerNorm whose
+    gain and shift are offset by learned per-class values (one embedding row per class index)."""
 
-    def __init__(self, d_model: int, heads: int, kv_heads: int) -> None:
+    def __init__(self, d_model: int, heads: int, kv_heads: int, class_indices: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, heads, kv_heads)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        # (gain1, shift1, gain2, shift2) offsets per class; zero at init, so training starts from plain LayerNorm.
+        self.modulation = nn.Embedding(class_indices, 4 * d_model)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), cache)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Tensor, classes: Tensor, cache: KVCache | None = None) -> Tensor:
+        """``classes``: B class indices, the same for every slot of a row."""
+        gain1, shift1, gain2, shift2 = self.modulation(classes)[:, None].chunk(4, dim=-1)
+        x = x + self.attn(self.norm1(x) * (1 + gain1) + shift1, cache)
+        return x + self.mlp(self.norm2(x) * (1 + gain2) + shift2)
 
 
 class TransformerPrior(AutoregressivePrior):
@@ -110,7 +119,7 @@ class TransformerPrior(AutoregressivePrior):
         self.embed = nn.Embedding(codebook_size, d_model)
         self.row_embed = nn.Embedding(max_grid_side, d_model)
         self.col_embed = nn.Embedding(max_grid_side, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, kv_heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, kv_heads, self.null_class + 1) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, codebook_size)
         self._init_weights(layers)
@@ -124,6 +133,7 @@ class TransformerPrior(AutoregressivePrior):
             if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
             for out in (block.attn.proj, block.mlp[2]):
                 nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * layers))
 
@@ -147,18 +157,19 @@ class TransformerPrior(AutoregressivePrior):
             raise ValueError(f"code grid {height}x{width} exceeds prior.max_grid_side={self.max_grid_side}")
         return (self.row_embed.weight[:height, None] + self.col_embed.weight[None, :width]).flatten(0, 1)
 
-    def _logits(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+    def _logits(self, x: Tensor, classes: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         for index, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[index])
+            x = block(x, classes, None if caches is None else caches[index])
         return self.head(self.norm(x))
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
         batch, height, width = codes.shape
-        start = self.class_embed(self.class_tokens(labels, batch))[:, None]
+        classes = self.class_tokens(labels, batch)
         # Slot t holds code t-1. The whole grid is embedded (the last code is never read) so that the
         # embedding's output, B×H×W×d, lines up with the grid for gradient-based causality checks.
-        x = torch.cat([start, self.embed(codes).flatten(1, 2)[:, :-1]], dim=1) + self._positions((height, width))
-        return self._logits(x).view(batch, height, width, -1).permute(0, 3, 1, 2)
+        x = torch.cat([self.class_embed(classes)[:, None], self.embed(codes).flatten(1, 2)[:, :-1]], dim=1)
+        x = x + self._positions((height, width))
+        return self._logits(x, classes).view(batch, height, width, -1).permute(0, 3, 1, 2)
 
     @torch.inference_mode()
     def sample(self, n: int, grid: tuple[int, int], labels: Tensor | None, temperature: float,
@@ -187,7 +198,7 @@ class TransformerPrior(AutoregressivePrior):
         codes = torch.zeros(n, length, dtype=torch.long, device=device)
         x = self.class_embed(tokens)
         for t in range(length):
-            logits = self._logits((x + positions[t])[:, None], caches)[:, 0]
+            logits = self._logits((x + positions[t])[:, None], tokens, caches)[:, 0]
             if guided:
                 cond, uncond = logits.float().chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)

@@ -87,7 +87,8 @@ def test_quality_verdicts_follow_the_issue_targets() -> None:
     from bench.quality import _verdicts
 
     base = {"recon_psnr": 25.0, "fd_reconstructions": 0.2, "fd_samples": 1.0, "sample_class_agreement": 0.14,
-            "classifier_val_balanced_accuracy": 0.5}
+            "classifier_val_balanced_accuracy": 0.5, "fd_samples_floor": 0.4,
+            "classifier_recon_balanced_accuracy": 0.45}
     results = {"seed": base, "ham128-gated": base, "ham128-unguided": base,
                "ham128": base | {"recon_psnr": 27.1, "fd_samples": 0.5, "sample_class_agreement": 0.43}}
     assert [line.endswith("MET") or "MET;" in line for line in _verdicts(results)] == [True, True, True]

@@ -43,6 +43,12 @@ def test_weighted_frechet_distance_and_class_matched_weights() -> None:
     assert frechet_distance(a, b, keep.double()) == pytest.approx(frechet_distance(a[keep], b), rel=1e-9)
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(a, b, (torch.arange(300) == 0).double())
+    # Weights on both sides (the perfect-prior floor weighs real images and their reconstructions alike).
+    pick = torch.arange(200) % 2 == 0
+    assert frechet_distance(a, b, keep.double(), pick.double()) == pytest.approx(
+        frechet_distance(a[keep], b[pick]), rel=1e-9)
+    assert frechet_distance(b, a, pick.double(), keep.double()) == pytest.approx(
+        frechet_distance(a, b, keep.double(), pick.double()), rel=1e-6)
     # Real images 3:1, samples drawn 1:1 (and none of class 2): weighted, each sampled class has equal mass.
     real, drawn = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 0, 1])
     weights = class_matched_weights(real, drawn)
@@ -97,9 +103,11 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
     for key in ("classifier_val_accuracy", "classifier_val_balanced_accuracy", "fd_reconstructions", "fd_samples",
-                "fd_real_train_floor", "sample_class_agreement", "recon_psnr"):
+                "fd_real_train_floor", "fd_samples_floor", "classifier_recon_balanced_accuracy",
+                "sample_class_agreement", "recon_psnr"):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key  # present, not NaN
-    assert metrics["fd_reconstructions"] >= 0 and metrics["fd_samples"] >= 0
+    assert metrics["fd_reconstructions"] >= 0 and metrics["fd_samples"] >= 0 and metrics["fd_samples_floor"] >= 0
+    assert 0 <= metrics["classifier_recon_balanced_accuracy"] <= 1
     assert set(metrics["sample_class_agreement_per_class"]) <= {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}
 
     again = _pipeline(config, "--only", "evaluate")
@@ -184,7 +192,8 @@ def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, 
     assert "reconstruction PSNR" in labelled.stdout and "classifier accuracy" in labelled.stdout
     result = json.loads((tmp_path / "a.json").read_text())
     metrics = result["metrics"]
-    for key in (*IMAGES_KEYS, "classifier_accuracy", "classifier_balanced_accuracy"):
+    for key in (*IMAGES_KEYS, "classifier_accuracy", "classifier_balanced_accuracy", "fd_samples_floor",
+                "classifier_recon_balanced_accuracy"):
         assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
     assert 0 <= metrics["classifier_accuracy"] <= 1 and metrics["fd_reconstructions"] >= 0
     assert result["images_judged"] == 7 and result["labelled"] and sum(result["class_counts"].values()) == 7

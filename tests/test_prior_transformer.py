@@ -30,8 +30,11 @@ ATTENTIONS = pytest.mark.parametrize("cfg", [TRANSFORMER.model_copy(update={"kv_
 def _transformer(cfg: PriorConfig = TRANSFORMER) -> TransformerPrior:
     model = _model(cfg)
     assert isinstance(model, TransformerPrior)
-    with torch.no_grad():  # class tokens as large as code tokens: the labels steer even untrained draws
-        model.class_embed.weight.normal_(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # class token and per-class LayerNorm offsets large: the labels steer even untrained draws
+        generator = torch.Generator().manual_seed(0)
+        model.class_embed.weight.normal_(generator=generator)
+        for block in model.blocks:
+            block.modulation.weight.normal_(generator=generator)
     return model
 
 
@@ -71,6 +74,25 @@ def test_every_position_sees_the_class_token_and_nothing_else_of_the_label() -> 
         model(codes, None)
     unconditional = _transformer(UNCONDITIONAL)  # labels ignored: its start token is always the null class
     assert torch.equal(unconditional(codes, torch.tensor([0, 1])), unconditional(codes, None))
+
+
+def test_the_class_reaches_every_position_without_attention() -> None:
+    # Every block's LayerNorms carry a per-class gain and shift, so the class steers each position directly,
+    # not only through attention to the class token (the weak conditioning that came before).
+    model = _transformer()
+    with torch.no_grad():
+        for block in model.blocks:  # no slot can read another: only the per-class LayerNorms can carry the label
+            block.attn.proj.weight.zero_()
+            block.attn.proj.bias.zero_()
+    codes = _codes(1).repeat(2, 1, 1)
+    logits = model(codes, torch.tensor([0, 1]))
+    assert (logits[0] - logits[1]).abs().amax(0).gt(1e-3).all()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.modulation.weight.zero_()
+    # Without them, only slot 0 (whose input is the class token) still depends on the label.
+    unmodulated = model(codes, torch.tensor([0, 1])).flatten(2)
+    assert torch.equal(unmodulated[0, :, 1:], unmodulated[1, :, 1:])
 
 
 def test_rectangular_grid_and_grid_limit() -> None:
