@@ -101,9 +101,9 @@ class PriorDuel:
 
 
 _TRANSFORMER = ("prior.arch=transformer",)
-# Full: the improved preset's gated PixelCNN (8.44 M parameters) against transformers of 8.39 M (the
+# Full: the improved preset's gated PixelCNN (8.42 M parameters) against transformers of 8.49 M (the
 # preset's own 12 layers at the default width and one shared key/value head: prior.arch=transformer
-# alone) and 8.67 M (3 wide layers: fewer sequential steps per code, larger matrix products), the
+# alone) and 8.72 M (3 wide layers: fewer sequential steps per code, larger matrix products), the
 # latter also with one key/value head per query head (plain multi-head attention, 10.1 M) and with
 # guidance (2 x 32 rows).
 DUEL_FULL = PriorDuel("improved", "improved", (), (

@@ -250,3 +250,14 @@ def test_nonfinite_loss_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, tin
     code, err = _run(_train_argv(run_dir))  # a rerun fails the same way; it never ends "complete"
     assert code == 3 and "loss became" in err
     assert not (run_dir / "vqvae" / "manifest.json").exists()
+
+
+def test_a_diverging_critic_is_named_in_the_nonfinite_hint(tmp_path, tiny_data):
+    # Only the discriminator's learning rate is absurd: the hint must point at the critic's settings too.
+    run_dir = _make_run(tmp_path, tiny_data, "nan-critic", "vqvae_train.adversarial.enabled=true",
+                        "vqvae_train.adversarial.disc_layers=1", "vqvae_train.adversarial.lr=1e30")
+    code, err = _run(_train_argv(run_dir))
+    assert code == 3, err[-3000:]
+    assert "Traceback" not in err and "loss became" in err
+    assert "vqvae_train.adversarial.lr / .weight" in err
+    assert not (run_dir / "vqvae" / "manifest.json").exists()
