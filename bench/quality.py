@@ -8,7 +8,10 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 * ``seed``: ``--preset seed`` at 128 px (the report's VQ-VAE and unconditional masked PixelCNN);
 * ``ham128``: ``--preset ham128`` (transformer prior);
 * ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior;
-* ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys).
+* ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys);
+* with ``--variants fsq adversarial``: ``ham128-fsq`` and ``ham128-adversarial``, ``ham128`` with another
+  tokenizer (FSQ; VQGAN's discriminator from half-way through training), each with its own VQ-VAE trained for
+  the same wall time, its own codes and transformer prior (about 30 more minutes on 2 CPU cores).
 
 **Equal VQ-VAE training time**: each VQ-VAE's training step is timed side by side first (1 thread, its own
 batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
@@ -63,22 +66,32 @@ def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -
             f"sample.per_class={args.per_class}"]
 
 
-def _step_seconds(cfg: RunConfig, repeats: int = 4) -> float:
-    """Seconds per VQ-VAE training step (forward, backward, Adam) on random images, 1 thread."""
-    from vqvae.models import build_vqvae
+VARIANTS = {"fsq": ("vqvae.quantizer.kind=fsq",), "adversarial": ("vqvae_train.adversarial.enabled=true",)}
+"""``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time."""
+
+
+def _step_seconds(cfg: RunConfig, critic: bool, repeats: int = 4) -> float:
+    """Seconds per VQ-VAE training step on random images, 1 thread: the training stage's own losses, backward
+    and Adam; ``critic``: with the discriminator's hooks and update too (an adversarial step)."""
+    from vqvae.train import VQVAETask
 
     torch.manual_seed(0)
-    model = build_vqvae(cfg.vqvae).train()
-    optim = torch.optim.Adam(model.parameters(), lr=1e-4)
-    images = torch.rand(cfg.vqvae_train.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    task = VQVAETask(cfg, Path())
+    model = task.build_model().train()
+    disc = task.build_critic() if critic else None
+    optims = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in (model, *([disc.module] if disc else []))]
+    batch = {"image": torch.rand(cfg.vqvae_train.batch_size, 3, cfg.data.image_size, cfg.data.image_size)}
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        out = model(images)
-        loss = (out.recon - images).pow(2).mean() + out.loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+        loss, extras = task.loss(model, batch)
+        losses = [loss if disc is None else task.adversarial_loss(model, disc.module, loss, extras)[0]]
+        if disc is not None:
+            losses.append(task.critic_loss(disc.module)[0])
+        for optim, value in zip(optims, losses, strict=True):  # the model first, then the critic (as training)
+            optim.zero_grad()
+            value.backward()
+            optim.step()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]  # median, the first (allocation) step left out
 
@@ -93,15 +106,21 @@ def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     return {"seed": ("seed", [*judge, *prior, plain]),
             "ham128": ("ham128", [*judge, *small, *SMALL_TRANSFORMER]),
             "ham128-gated": ("ham128", [*judge, *small, *SMALL_GATED, plain]),
-            "ham128-unguided": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, plain])}
+            "ham128-unguided": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, plain]),
+            **{f"ham128-{name}": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, *VARIANTS[name]])
+               for name in args.variants}}
 
 
-def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float) -> list[str]:
-    steps = max(int(seconds / step), 10)
+def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float, adversarial_step: float | None = None) -> list[str]:
+    """Steps for ``seconds`` of training; adversarial (``adversarial_step`` s per step with the critic): the
+    critic from half-way on, as VQGAN starts it once reconstructions have settled."""
+    mean_step = step if adversarial_step is None else (step + adversarial_step) / 2
+    steps = max(int(seconds / mean_step), 10)
     warmup = min(cfg.vqvae_train.warmup_steps, steps // 20)
+    critic = [] if adversarial_step is None else [f"vqvae_train.adversarial.start_step={steps // 2}"]
     return [f"vqvae_train.max_steps={steps}", f"vqvae_train.warmup_steps={warmup}",
             f"vqvae_train.checkpoint_every={max(steps // 4, 1)}", f"vqvae_train.eval_every={steps}",
-            "vqvae_train.num_workers=1"]
+            "vqvae_train.num_workers=1", *critic]
 
 
 def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: int | None,
@@ -198,12 +217,16 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
             f"{results['ham128-unguided']['sample_class_agreement']:.3f} (sample FD "
             f"{results['ham128-unguided']['fd_samples']:.3f}); gated {gated['sample_class_agreement']:.3f}; the "
             f"judge's balanced accuracy on real images {best['classifier_val_balanced_accuracy']:.3f}, on their "
-            f"reconstructions {best['classifier_recon_balanced_accuracy']:.3f} (a perfect prior's)"]
+            f"reconstructions {best['classifier_recon_balanced_accuracy']:.3f} (a perfect prior's)",
+            *(f"{name}: {r['recon_psnr']:.2f} dB PSNR, recon FD {r['fd_reconstructions']:.3f}, sample FD "
+              f"{r['fd_samples']:.3f} (a perfect prior's {r['fd_samples_floor']:.3f}), class agreement "
+              f"{r['sample_class_agreement']:.3f}, in {r['vqvae_steps']:.0f} VQ-VAE steps"
+              for name, r in results.items() if name.removeprefix("ham128-") in VARIANTS)]
 
 
-def _grids(root: Path, count: int = 8) -> None:
-    """ROOT/grids/reconstructions.png (real validation images, seed and ham128 reconstructions) and
-    samples-NAME.png (one row per class) for the conditional runs."""
+def _grids(root: Path, variants: list[str], count: int = 8) -> None:
+    """ROOT/grids/reconstructions.png (real validation images, then the seed, ham128 and ``variants`` runs'
+    reconstructions) and samples-NAME.png (one row per class) for the conditional runs."""
     import io
 
     import numpy as np
@@ -220,15 +243,16 @@ def _grids(root: Path, count: int = 8) -> None:
     out.mkdir(exist_ok=True)
     batch = next(iter(make_eval_loader(root / "ham128" / "data" / "val", batch_size=count, max_batches=1)))
     rows = [batch["image"]]
-    for name in ("seed", "ham128"):
+    tokenizers = ["seed", "ham128", *variants]
+    for name in tokenizers:
         cfg = load_config(root / name / "config.json")
         model = build_vqvae(cfg.vqvae).eval()
         manifest = json.loads((root / name / "vqvae" / "manifest.json").read_text())
         load_weights(model, root / name / "vqvae" / manifest["weights"])
         with torch.no_grad():
             rows.append(model(batch["image"]).recon.clamp(0, 1))
-    save_grid(torch.cat(rows), out / "reconstructions.png", nrow=count, row_labels=["real", "seed", "ham128"])
-    for name in ("ham128", "ham128-gated"):
+    save_grid(torch.cat(rows), out / "reconstructions.png", nrow=count, row_labels=["real", *tokenizers])
+    for name in ("ham128", "ham128-gated", *variants):
         manifest = json.loads((root / name / "samples" / "manifest.json").read_text())
         by_class: dict[int, list[torch.Tensor]] = {c: [] for c in range(len(CLASSES))}
         shards = [str(root / name / "samples" / s["name"]) for s in manifest["shards"]]
@@ -249,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior-steps", type=int, default=1000)
     parser.add_argument("--classifier-steps", type=int, default=4000)
     parser.add_argument("--per-class", type=int, default=24, help="samples drawn per class")
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[],
+                        help="also ham128 with these tokenizers, at the same VQ-VAE wall time")
     parser.add_argument("--measure-only", action="store_true",
                         help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
@@ -266,9 +292,13 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}
-    step = {name: _step_seconds(configs[name]) for name in ("seed", "ham128")}
+    timed = ("seed", "ham128", *(f"ham128-{v}" for v in args.variants))
+    step = {name: _step_seconds(configs[name], critic=False) for name in timed}
+    if "adversarial" in args.variants:
+        step["critic"] = _step_seconds(configs["ham128-adversarial"], critic=True)
     print("VQ-VAE step seconds (1 thread): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()), flush=True)
-    vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step["seed" if name == "seed" else "ham128"])
+    vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name in step else "ham128"],
+                                 step["critic"] if name == "ham128-adversarial" else None)
           for name in runs}
 
     # One packed data set and one judge for every run, made first with all cores (their data and classifier
@@ -299,6 +329,14 @@ def main(argv: list[str] | None = None) -> None:
                                         [*runs["ham128-unguided"][1], *vq["ham128-unguided"]],
                                         root / "ham128-unguided.log", None)}, root)
     _wait(procs, root)
+    variants = [f"ham128-{v}" for v in args.variants]  # two at a time, side by side, one core each
+    for pair in (variants[i:i + 2] for i in range(0, len(variants), 2)):
+        for name in pair:
+            (root / name).mkdir(exist_ok=True)
+            for folder in ("data", "classifier"):
+                _link(root / "ham128" / folder, root / name / folder)
+        _wait({name: _pipeline(root / name, runs[name][0], [*runs[name][1], *vq[name]], root / f"{name}.log",
+                               cpus[i] if len(cpus) >= 2 else None) for i, name in enumerate(pair)}, root)
     print(f"all runs done in {(time.time() - started) / 60:.1f} min", flush=True)
     _report(root, list(runs), reevaluate=False)
 
@@ -313,7 +351,7 @@ def _report(root: Path, names: list[str], reevaluate: bool) -> None:
         if done.returncode != 0:
             sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
     results = {name: _measure(root, name) for name in names}
-    _grids(root)
+    _grids(root, [name for name in names if name.removeprefix("ham128-") in VARIANTS])
     md, js = write_results(_rows(results), root, quick=False)
     print(md.read_text())
     print("\n".join(_verdicts(results)))

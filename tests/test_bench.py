@@ -98,3 +98,27 @@ def test_quality_verdicts_follow_the_issue_targets() -> None:
     assert ["MISSED" in line for line in _verdicts(worse)] == [True, True, True]
     halved = worse | {"ham128": worse["ham128"] | {"fd_reconstructions": 0.1}}
     assert "MET" in _verdicts(halved)[0] and "MISSED" not in _verdicts(halved)[0]
+
+
+def test_quality_variants_are_valid_runs_at_equal_time() -> None:
+    """``--variants``: each variant run is a valid ham128 config, and its VQ-VAE steps fill the same time."""
+    from argparse import Namespace
+
+    from bench.quality import _run_configs, _step_seconds, _vqvae_overrides
+    from runtime.config import build_config
+
+    args = Namespace(images=Path("/data/images"), csv=Path("/data/meta.csv"), prior_steps=100, classifier_steps=100,
+                     per_class=2, variants=["fsq", "adversarial"])
+    runs = _run_configs(args)
+    assert {"ham128-fsq", "ham128-adversarial"} <= set(runs)
+    fsq = build_config(*runs["ham128-fsq"])
+    assert fsq.vqvae.quantizer.kind == "fsq" and fsq.prior.arch == "transformer"
+    preset, over = runs["ham128-adversarial"]
+    adversarial = build_config(preset, [*over, *_vqvae_overrides(build_config(preset, over), 90.0, 1.0, 2.0)])
+    # 90 s at 1 s per plain step and 2 s per step with the critic, which starts half-way: 60 steps, 30 each.
+    assert adversarial.vqvae_train.max_steps == 60 and adversarial.vqvae_train.adversarial.start_step == 30
+    assert adversarial.vqvae_train.adversarial.enabled
+    # The timing runs the training stage's own adversarial hooks (one small step each way).
+    small = build_config(preset, [*over, "vqvae_train.batch_size=2", "data.image_size=64",
+                                  "vqvae_train.adversarial.disc_layers=2"])
+    assert _step_seconds(small, critic=True, repeats=1) > 0 and _step_seconds(small, critic=False, repeats=1) > 0
