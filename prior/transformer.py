@@ -12,9 +12,11 @@ a per-class gain and shift of both LayerNorms in every block (conditional LayerN
 without its MLP), so every position in every layer sees the class directly. With the class token alone,
 class fidelity depended on attention carrying one slot's content to all 256 positions: in ``bench quality``
 its samples were classified as their class at 1.3x chance, the gated PixelCNN's (class bias in every
-layer) at 2.2x. In training, ``label_dropout`` of the labels are replaced by it (drawn from torch's global RNG, which
-the trainer seeds and checkpoints, so a run and its resumption drop the same labels), so one model
-learns both p(codes | class) and p(codes). Sampling with guidance scale s runs the B conditional and
+layer) at 2.2x; with the conditional LayerNorms, both at 2.4x.
+
+In training, ``label_dropout`` of the labels are replaced by the null class (drawn from torch's global
+RNG, which the trainer seeds and checkpoints, so a run and its resumption drop the same labels), so one
+model learns both p(codes | class) and p(codes). Sampling with guidance scale s runs the B conditional and
 B null-class rows as one batch of 2B and draws from uncond + s·(cond − uncond).
 
 :meth:`TransformerPrior.sample` keeps every block's keys and values (a KV cache), so each new code
