@@ -19,7 +19,7 @@ time, each pinned to a core of its own where there are two. Data, judge (classif
 evaluation settings are ``ham128``'s in every run, so all runs share one packed data set and one judge (both
 made first, with all cores, and linked into every run). The priors are
 shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
-whole comparison takes about 45 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
+whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
 unit, baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in
 ``ROOT/grids/`` (real validation images above their seed and ham128 reconstructions; samples per class).
 """
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, default=SHARED_HAM / "HAM10000_metadata.csv")
     parser.add_argument("--prior-steps", type=int, default=1000)
     parser.add_argument("--classifier-steps", type=int, default=4000)
-    parser.add_argument("--per-class", type=int, default=24, help="samples drawn per class")
+    parser.add_argument("--per-class", type=int, default=100, help="samples drawn per class (ham128's)")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[],
                         help="also ham128 with these tokenizers, at the same VQ-VAE wall time")
     parser.add_argument("--measure-only", action="store_true",

@@ -570,7 +570,8 @@ def _ham128() -> dict[str, Any]:
         "prior_train": {"batch_size": 32, "lr": 5e-4, "max_steps": 10000, "schedule": "cosine",
                         "warmup_steps": 300, "grad_clip": 1.0, "augment": False, "checkpoint_every": 1000,
                         "eval_every": 1000},
-        "sample": {"per_class": 32, "num_tasks": 2, "guidance_scale": 3.0},
+        # 100 per class for the judge: at 24, resampling alone moved the class-matched sample FD by about 0.2.
+        "sample": {"per_class": 100, "num_tasks": 2, "guidance_scale": 3.0},
         "classifier": {"width": 16},
         "classifier_train": {"batch_size": 32, "lr": 2e-3, "max_steps": 4000, "schedule": "cosine",
                              "warmup_steps": 100, "checkpoint_every": 500, "eval_every": 500},

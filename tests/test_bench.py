@@ -83,7 +83,7 @@ def test_ratios_divide_by_the_named_baseline_of_the_same_bench() -> None:
 
 
 def test_quality_verdicts_follow_the_issue_targets() -> None:
-    """``bench quality`` takes ~45 min of real training, so only its verdict logic runs here."""
+    """``bench quality`` takes ~80 min of real training, so only its verdict logic runs here."""
     from bench.quality import _verdicts
 
     base = {"recon_psnr": 25.0, "fd_reconstructions": 0.2, "fd_samples": 1.0, "sample_class_agreement": 0.14,
