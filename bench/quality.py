@@ -9,9 +9,10 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 * ``ham128``: ``--preset ham128`` (transformer prior);
 * ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior;
 * ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys);
-* with ``--variants fsq adversarial``: ``ham128-fsq`` and ``ham128-adversarial``, ``ham128`` with another
-  tokenizer (FSQ; VQGAN's discriminator from half-way through training), each with its own VQ-VAE trained for
-  the same wall time, its own codes and transformer prior (about 30 more minutes on 2 CPU cores).
+* with ``--variants ema adversarial``: ``ham128-ema`` and ``ham128-adversarial``, ``ham128`` with another
+  tokenizer (the EMA VQ with a 512-code codebook instead of FSQ; VQGAN's discriminator from half-way through
+  training), each with its own VQ-VAE trained for the same wall time, its own codes and transformer prior
+  (about 30 more minutes on 2 CPU cores).
 
 **Equal VQ-VAE training time**: each VQ-VAE's training step is timed side by side first (1 thread, its own
 batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
@@ -66,7 +67,7 @@ def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -
             f"sample.per_class={args.per_class}"]
 
 
-VARIANTS = {"fsq": ("vqvae.quantizer.kind=fsq",), "adversarial": ("vqvae_train.adversarial.enabled=true",)}
+VARIANTS = {"ema": ("vqvae.quantizer.kind=ema",), "adversarial": ("vqvae_train.adversarial.enabled=true",)}
 """``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time."""
 
 

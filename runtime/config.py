@@ -551,7 +551,8 @@ def _improved() -> dict[str, Any]:
 def _ham128() -> dict[str, Any]:
     """Real dermoscopy images at 128 px (HAM10000, ISIC 2018/2019), whose paths the user gives:
     ``data.isic_images=DIR data.isic_csv=CSV``. Three down-sampling stages keep the 16x16 code grid of
-    the 256-px presets (two would leave 8x8 codes for a whole lesion); the rest is ``improved``. The judge
+    the 256-px presets (two would leave 8x8 codes for a whole lesion); an FSQ tokenizer; the rest is
+    ``improved``. The judge
     trains for about 16 epochs with class-balanced loss: HAM10000 is 67 % NV, and a short or unweighted run
     learns little beyond "always NV" (balanced accuracy 0.30 after 4 epochs unweighted, 0.46+ after 12
     weighted)."""
@@ -559,7 +560,10 @@ def _ham128() -> dict[str, Any]:
         "preset": "ham128",
         "run_dir": "runs/ham128",
         "data": {"source": "isic", "image_size": 128, "shard_max_count": 1000},
-        "vqvae": {"arch": "improved", "channels": [32, 64, 128], "res_blocks": 1, "code_dim": 64},
+        # FSQ (1,000 codes, levels 8-5-5-5): in the same 10 CPU minutes as the EMA VQ (bench quality --variants
+        # ema) it reached 29.1 dB PSNR against 28.5 and half the reconstruction Fréchet distance (0.24 vs 0.44).
+        "vqvae": {"arch": "improved", "channels": [32, 64, 128], "res_blocks": 1, "code_dim": 64,
+                  "quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]}},
         "vqvae_train": {"batch_size": 16, "lr": 1e-3, "max_steps": 20000, "schedule": "cosine",
                         "warmup_steps": 200, "grad_clip": 1.0, "checkpoint_every": 1000, "eval_every": 1000},
         # balance + guidance: samples are drawn equally per class, and the rare classes (DF, VASC: ~1 % of
