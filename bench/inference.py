@@ -105,8 +105,8 @@ _TRANSFORMER = ("prior.arch=transformer",)
 # preset's own 12 layers at the default width and one shared key/value head: prior.arch=transformer
 # alone) and 8.72 M (3 wide layers: fewer sequential steps per code, larger matrix products), the
 # latter also with one key/value head per query head (plain multi-head attention, 10.1 M) and with
-# guidance (2 x 32 rows).
-DUEL_FULL = PriorDuel("improved", "improved", (), (
+# guidance (2 x 32 rows). The baseline names its arch: the preset's own prior is now the transformer.
+DUEL_FULL = PriorDuel("improved", "improved", ("prior.arch=gated",), (
     (_TRANSFORMER, 1.0),
     ((*_TRANSFORMER, "prior.layers=3", "prior.d_model=512"), 1.0),
     ((*_TRANSFORMER, "prior.layers=3", "prior.d_model=512", "prior.kv_heads=0"), 1.0),
