@@ -18,7 +18,8 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
 time, each pinned to a core of its own where there are two. Data, judge (classifier), sample counts and
 evaluation settings are ``ham128``'s in every run, so all runs share one packed data set and one judge (both
-made first, with all cores, and linked into every run). The priors are
+made first, with all cores, and linked into every run), and every run draws its samples in the train
+split's class mix (``sample.class_mix=data``, at least ``sample.min_per_class`` of each class). The priors are
 shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
 whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
 unit, baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path, default=SHARED_HAM / "HAM10000_metadata.csv")
     parser.add_argument("--prior-steps", type=int, default=1000)
     parser.add_argument("--classifier-steps", type=int, default=4000)
-    parser.add_argument("--per-class", type=int, default=100, help="samples drawn per class (ham128's)")
+    parser.add_argument("--per-class", type=int, default=100,
+                        help="samples per class on average (ham128's sample.per_class; drawn in the data's class mix)")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[],
                         help="also ham128 with these tokenizers, at the same VQ-VAE wall time")
     parser.add_argument("--measure-only", action="store_true",

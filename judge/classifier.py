@@ -70,11 +70,12 @@ def balanced_accuracy(guesses: Tensor, truth: Tensor) -> float:
     return sum(recalls.values()) / len(recalls) if recalls else 0.0
 
 
-def class_matched_weights(real_labels: Tensor, sample_labels: Tensor) -> Tensor:
-    """A weight per real image, q(c) / p(c), that gives the real images the samples' class mix q. The sample
-    stage draws every class equally while real lesion sets are mostly NV: unweighted, the Fréchet distance of
-    class-conditional samples would measure that mix (and grow as samples become more class-faithful)."""
-    classes = int(max(real_labels.max(), sample_labels.max())) + 1
-    p = torch.bincount(real_labels, minlength=classes).double() / len(real_labels)
-    q = torch.bincount(sample_labels, minlength=classes).double() / len(sample_labels)
-    return torch.where(p > 0, q / p.clamp_min(1e-12), torch.zeros_like(p))[real_labels]
+def mix_weights(labels: Tensor, target_labels: Tensor) -> Tensor:
+    """A weight per item of ``labels``, p(c) / q(c), that gives those items the class mix p of
+    ``target_labels`` (q: their own mix); a class absent from the target weighs 0. The evaluate stage weights
+    the samples to the real images' mix, never the real images to the samples': real sets are mostly NV,
+    and giving a handful of DF images the weight of 100 samples would make the estimate mostly noise."""
+    classes = int(max(labels.max(), target_labels.max())) + 1
+    q = torch.bincount(labels, minlength=classes).double() / len(labels)
+    p = torch.bincount(target_labels, minlength=classes).double() / len(target_labels)
+    return torch.where(q > 0, p / q.clamp_min(1e-12), torch.zeros_like(q))[labels]

@@ -5,10 +5,11 @@
 
 The stage writes RUN_DIR/evaluate/manifest.json with: the classifier's own validation accuracy (how far to
 trust it); Fréchet distances in its feature space between the real validation images and (a) their VQ-VAE
-reconstructions, (b) the prior's samples, and (c) real training images (the floor a perfect model would
-reach with this many images); how often a class-c sample is classified as c, per class; what a perfect
-prior would score through this VQ-VAE (both sample metrics on the reconstructions); and reconstruction
-PSNR/SSIM.
+reconstructions, (b) the prior's samples, weighted to the real images' class mix, and (c) real training
+images (the floor a perfect model would reach with this many images); how often a class-c sample is
+classified as c, per class; what a perfect prior would score through this VQ-VAE (its samples would be
+reconstructions of fresh real images: the Fréchet distance of as many reconstructed training images, and the
+judge's balanced accuracy on the reconstructed validation images); and reconstruction PSNR/SSIM.
 
 ``--images`` judges any other folder of images (e.g. a private set of real ISIC images, of any size) with
 a finished run's models, never retraining anything: each image is read, converted and resized exactly as
@@ -39,8 +40,8 @@ from judge.classifier import (
     LesionClassifier,
     balanced_accuracy,
     build_classifier,
-    class_matched_weights,
     frechet_distance,
+    mix_weights,
     recall_per_class,
 )
 from runtime.checkpoint import load_weights
@@ -116,19 +117,32 @@ class _Judged:
         return {"fd_reconstructions": frechet_distance(torch.cat(self.real), torch.cat(self.recon)),
                 **{f"recon_{k}": v for k, v in self.meter.result().items() if k in ("psnr", "ssim", "mse")}}
 
-    def perfect_prior(self, truth: torch.Tensor, weights: torch.Tensor | None) -> dict[str, float]:
-        """What samples would score if the prior were perfect: they would be the decoder's reconstructions of
-        real code grids, in the samples' class mix (``weights``, as the real side of ``fd_samples``). The
-        sample metrics are not expected to beat these (beyond noise); the gap to them is the prior's own."""
-        real, recon = torch.cat(self.real), torch.cat(self.recon)
-        return {"fd_samples_floor": frechet_distance(real, recon, weights, weights),
-                "classifier_recon_balanced_accuracy": balanced_accuracy(torch.cat(self.recon_guesses), truth)}
+    def recon_balanced_accuracy(self, truth: torch.Tensor) -> float:
+        """The judge on the reconstructions: what ``sample_class_agreement`` would be for a perfect prior."""
+        return balanced_accuracy(torch.cat(self.recon_guesses), truth)
 
 
-def _real_weights(cfg: RunConfig, real_labels: torch.Tensor, sample_labels: torch.Tensor) -> torch.Tensor | None:
-    """Real images weighted to the samples' class mix when the samples were drawn per class (a conditional
-    prior); None (unweighted) for an unconditional prior, whose samples follow the data's own mix."""
-    return class_matched_weights(real_labels, sample_labels) if cfg.prior.conditional else None
+def _train_reconstructions(cfg: RunConfig, classifier: LesionClassifier, vqvae: VQVAE, count: int) -> torch.Tensor:
+    """Judge features of the VQ-VAE reconstructions of the first ``count`` training images: what a perfect
+    prior's samples would be (decoded code grids of fresh real images, in the data's own class mix)."""
+    batches = -(-count // cfg.evaluate.batch_size)
+    loader = make_eval_loader(RunLayout.of(cfg).stage_dir("data") / "train", batch_size=cfg.evaluate.batch_size,
+                              max_batches=batches)
+    out = [classifier.features(vqvae(b["image"]).recon.float().clamp(0, 1)) for b in loader]
+    return torch.cat(out)[:count]
+
+
+def _fd_samples(cfg: RunConfig, real: torch.Tensor, real_labels: torch.Tensor | None, samples: torch.Tensor,
+                sample_labels: torch.Tensor) -> float:
+    """Real images against samples, the samples weighted to the real images' class mix when the prior drew
+    them per class (conditional) and the real labels are known; an unconditional prior's samples follow the
+    data's own mix already."""
+    weights = mix_weights(sample_labels, real_labels) if cfg.prior.conditional and real_labels is not None else None
+    if weights is not None and int((weights > 0).sum()) < 2:
+        raise UserError(f"only {int((weights > 0).sum())} sample(s) of the classes the real images hold "
+                        f"({sorted({CLASSES[int(c)] for c in real_labels})}); a Fréchet distance needs 2. "
+                        "Raise sample.per_class (or sample.min_per_class)")
+    return frechet_distance(real, samples, weights_b=weights)
 
 
 @torch.no_grad()
@@ -147,21 +161,22 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     train_real = [classifier.features(b["image"]) for b in make_eval_loader(
         layout.stage_dir("data") / "train", batch_size=cfg.evaluate.batch_size, max_batches=batches)]
     sample_features, sample_guesses, sample_labels = _samples(cfg, run.manifests["sample"], classifier)
+    perfect = _train_reconstructions(cfg, classifier, vqvae, len(sample_labels))
 
     real_features = torch.cat(judged.real)
     per_class = recall_per_class(sample_guesses, sample_labels)
     val_guesses, val_truth = torch.cat(judged.guesses), torch.cat(val_labels)
     recon = judged.reconstruction()
-    weights = _real_weights(cfg, val_truth, sample_labels)
     metrics = {
         "classifier_val_accuracy": float((val_guesses == val_truth).float().mean()),
         # The mean per-class recall on real images: what sample_class_agreement would be for perfect samples.
         "classifier_val_balanced_accuracy": balanced_accuracy(val_guesses, val_truth),
         "chance": 1.0 / len(CLASSES),
         "fd_reconstructions": recon.pop("fd_reconstructions"),
-        "fd_samples": frechet_distance(real_features, sample_features, weights),
+        "fd_samples": _fd_samples(cfg, real_features, val_truth, sample_features, sample_labels),
         "fd_real_train_floor": frechet_distance(real_features, torch.cat(train_real)),
-        **judged.perfect_prior(val_truth, weights),
+        "fd_samples_floor": frechet_distance(real_features, perfect),
+        "classifier_recon_balanced_accuracy": judged.recon_balanced_accuracy(val_truth),
         "sample_class_agreement": balanced_accuracy(sample_guesses, sample_labels),
         "sample_class_agreement_per_class": per_class,
         "val_images": len(real_features), "samples": len(sample_labels),
@@ -251,15 +266,18 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
         raise UserError(f"{images_dir}: {len(labels)} readable image(s); judging needs at least 2 (Fréchet "
                         f"distances). Skipped: {summarise(skipped)}")
     sample_features, _, sample_labels = _samples(cfg, manifests["sample"], classifier)
-    weights = _real_weights(cfg, torch.tensor(labels), sample_labels) if csv is not None else None
-    metrics: dict[str, Any] = {**judged.reconstruction(),
-                               "fd_samples": frechet_distance(torch.cat(judged.real), sample_features, weights)}
-    if csv is not None:
-        truth, guesses = torch.tensor(labels), torch.cat(judged.guesses)
+    real = torch.cat(judged.real)
+    truth = torch.tensor(labels) if csv is not None else None
+    metrics: dict[str, Any] = {
+        **judged.reconstruction(),
+        "fd_samples": _fd_samples(cfg, real, truth, sample_features, sample_labels),
+        "fd_samples_floor": frechet_distance(real, _train_reconstructions(cfg, classifier, vqvae, len(sample_labels)))}
+    if truth is not None:
+        guesses = torch.cat(judged.guesses)
         metrics |= {"classifier_accuracy": float((guesses == truth).float().mean()),
                     "classifier_balanced_accuracy": balanced_accuracy(guesses, truth),
                     "classifier_accuracy_per_class": recall_per_class(guesses, truth), "chance": 1.0 / len(CLASSES),
-                    **judged.perfect_prior(truth, weights)}
+                    "classifier_recon_balanced_accuracy": judged.recon_balanced_accuracy(truth)}
     result = {"format": IMAGES_FORMAT, "run_dir": str(layout.root), "run": lineage, "images": str(images_dir),
               "csv": None if csv is None else str(csv), "inputs_fingerprint": fingerprint,
               "image_size": cfg.data.image_size, "images_judged": len(labels), "samples": len(sample_features),
@@ -277,10 +295,10 @@ def _table(result: dict[str, Any], path: Path) -> str:
     m = result["metrics"]
     rows = [("reconstruction PSNR", f"{m['recon_psnr']:.2f} dB"), ("reconstruction SSIM", f"{m['recon_ssim']:.4f}"),
             ("Fréchet distance, reconstructions", f"{m['fd_reconstructions']:.4g}"),
-            ("Fréchet distance, run's samples", f"{m['fd_samples']:.4g} ({result['samples']} samples)")]
+            ("Fréchet distance, run's samples", f"{m['fd_samples']:.4g} ({result['samples']} samples)"),
+            ("Fréchet distance, a perfect prior's", f"{m['fd_samples_floor']:.4g}")]
     if "classifier_accuracy" in m:
-        rows += [("Fréchet distance, a perfect prior's", f"{m['fd_samples_floor']:.4g}"),
-                 ("classifier accuracy", f"{m['classifier_accuracy']:.3f} (balanced "
+        rows += [("classifier accuracy", f"{m['classifier_accuracy']:.3f} (balanced "
                                          f"{m['classifier_balanced_accuracy']:.3f}, chance {m['chance']:.3f}; "
                                          f"on reconstructions {m['classifier_recon_balanced_accuracy']:.3f})")]
     kinds = Counter(s["kind"] for s in result["skipped"])

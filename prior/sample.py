@@ -2,10 +2,11 @@
 
     python prior/sample.py --config RUN_DIR/config.json [--shard-index I --num-shards N]
 
-``sample.per_class`` images of every class are split over ``N`` tasks (a Slurm array); task ``I``
-draws the samples with index ``j % N == I`` using its own seed, writes ``samples/shard-I.tar``
-(png, codes.npy, cls, json per sample) and a done-marker. The task that completes the set writes
-``samples.png`` (one row per class, its name on the left) and ``manifest.json``.
+``sample.per_class`` × classes samples (``sample.class_mix``: the same number of every class, or the
+classes in the train split's proportions) are split over ``N`` tasks (a Slurm array); task ``I`` draws the
+samples with index ``j % N == I`` using its own seed, writes ``samples/shard-I.tar`` (png, codes.npy, cls,
+json per sample) and a done-marker. The task that completes the set writes ``samples.png`` (one row per
+class, its name on the left) and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image
 from prior.codes import codes_npy
 from prior.models import build_prior
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
+from runtime.balance import class_allocation, train_class_counts
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, ConfigError, RunConfig, config_from_args
@@ -47,6 +49,17 @@ def load_models(cfg: RunConfig, run: StageRun, device: torch.device) -> tuple[to
     return vqvae.to(device).eval(), prior.to(device).eval()
 
 
+def sample_classes(cfg: RunConfig, run: StageRun) -> list[int]:
+    """The class of every sample index, in index order (class 0's samples first)."""
+    if cfg.sample.class_mix == "uniform":
+        allocation = [cfg.sample.per_class] * len(CLASSES)
+    else:
+        where = RunLayout.of(cfg).stage_dir("encode") / MANIFEST
+        allocation = class_allocation(train_class_counts(run.manifests["encode"], where),
+                                      cfg.sample.per_class * len(CLASSES), cfg.sample.min_per_class, where)
+    return [c for c, n in enumerate(allocation) for _ in range(n)]
+
+
 def _png(image: torch.Tensor) -> bytes:
     array = (image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
     buf = io.BytesIO()
@@ -62,7 +75,8 @@ def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: t
     vqvae, prior = load_models(cfg, run, device)
     grid = tuple(run.manifests["prior"]["grid"])
     codebook_size = int(run.manifests["prior"]["codebook_size"])
-    wanted = [j for j in range(cfg.sample.per_class * len(CLASSES)) if j % count == index]
+    classes = sample_classes(cfg, run)
+    wanted = [j for j in range(len(classes)) if j % count == index]
     generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
     started, written = time.perf_counter(), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -72,7 +86,7 @@ def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: t
             torch.inference_mode(), autocast:
         for lo in range(0, len(wanted), cfg.sample.batch_size):
             ids = wanted[lo: lo + cfg.sample.batch_size]
-            labels = torch.tensor([j // cfg.sample.per_class for j in ids], device=device)
+            labels = torch.tensor([classes[j] for j in ids], device=device)
             codes = prior.sample(len(ids), grid, labels if cfg.prior.conditional else None,
                                  temperature=cfg.sample.temperature, generator=generator, top_k=cfg.sample.top_k,
                                  top_p=cfg.sample.top_p, guidance_scale=cfg.sample.guidance_scale)
@@ -99,11 +113,18 @@ def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
     for sample in wds.WebDataset([str(o) for o in outputs], shardshuffle=False, empty_check=False):
         array = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))  # a writable copy for torch
         by_index[int(sample["__key__"].split("_")[1])] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-    images = torch.stack([by_index[j] for j in sorted(by_index)])
-    grid_path = save_grid(images, run.out_dir / "samples.png", nrow=cfg.sample.per_class, row_labels=CLASSES)
+    classes = sample_classes(cfg, run)
+    counts = [classes.count(c) for c in range(len(CLASSES))]
+    drawn = [c for c in range(len(CLASSES)) if counts[c]]
+    # One row per drawn class, as wide as the rarest one (data mix) or per_class (uniform mix).
+    width = min(counts[c] for c in drawn)
+    first = {c: classes.index(c) for c in drawn}
+    images = torch.stack([by_index[first[c] + i] for c in drawn for i in range(width)])
+    grid_path = save_grid(images, run.out_dir / "samples.png", nrow=width, row_labels=[CLASSES[c] for c in drawn])
     total_seconds = sum(m["seconds"] for m in markers)
     run.finish([m["sha256"] for m in markers], {
-        "classes": list(CLASSES), "per_class": cfg.sample.per_class, "num_samples": len(by_index),
+        "classes": list(CLASSES), "per_class": cfg.sample.per_class, "class_mix": cfg.sample.class_mix,
+        "class_counts": {CLASSES[c]: counts[c] for c in range(len(CLASSES))}, "num_samples": len(by_index),
         "temperature": cfg.sample.temperature, "grid_png": grid_path.name, "shards": markers,
         "samples_per_s": len(by_index) / max(total_seconds, 1e-9)})
     return True

@@ -1,6 +1,6 @@
-"""Class weights for training losses, from a split manifest's class counts. Lesion sets are about two-thirds
-NV, while the judge is scored per class and samples are drawn in equal numbers per class; weighting each
-class's samples by count^-p makes training follow that use instead of the data's imbalance."""
+"""Class weights for training losses, and class allocations of samples, from a split manifest's class counts.
+Lesion sets are about two-thirds NV, while the judge is scored per class; weighting each class's samples by
+count^-p makes training follow that use instead of the data's imbalance."""
 
 from __future__ import annotations
 
@@ -25,10 +25,8 @@ def train_class_counts(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
     return counts
 
 
-def class_weights(counts: dict[str, Any], balance: ClassBalance, where: Path) -> torch.Tensor:
-    """Loss weight of each class (CLASSES order): count^-1 (inverse: every class weighs the same in total),
-    count^-1/2 (sqrt) or 1 (none), scaled so the mean weight over the train samples is 1 (the loss keeps its
-    scale); a class without train samples weighs 0."""
+def _counts(counts: dict[str, Any], where: Path) -> list[int]:
+    """The count of every class (CLASSES order), each checked; refused in one line when unusable."""
     n = []
     for name in CLASSES:
         value = counts.get(name, 0)
@@ -36,9 +34,16 @@ def class_weights(counts: dict[str, Any], balance: ClassBalance, where: Path) ->
             raise UserError(f"{where}: splits.train.class_counts.{name} is {value!r}, not a count; re-make that "
                             "stage's output")
         n.append(value)
-    counts_t = torch.tensor(n, dtype=torch.float64)
-    if counts_t.sum() == 0:
+    if sum(n) == 0:
         raise UserError(f"{where}: the train split has no labelled samples; re-make that stage's output")
+    return n
+
+
+def class_weights(counts: dict[str, Any], balance: ClassBalance, where: Path) -> torch.Tensor:
+    """Loss weight of each class (CLASSES order): count^-1 (inverse: every class weighs the same in total),
+    count^-1/2 (sqrt) or 1 (none), scaled so the mean weight over the train samples is 1 (the loss keeps its
+    scale); a class without train samples weighs 0."""
+    counts_t = torch.tensor(_counts(counts, where), dtype=torch.float64)
     weights = torch.where(counts_t > 0, counts_t.clamp_min(1) ** -POWERS[balance], torch.zeros_like(counts_t))
     return (weights * counts_t.sum() / (weights * counts_t).sum()).float()
 
@@ -48,3 +53,21 @@ def split_class_weights(manifest: dict[str, Any], balance: ClassBalance, where: 
     if balance == "none":
         return torch.ones(len(CLASSES))
     return class_weights(train_class_counts(manifest, where), balance, where)
+
+
+def class_allocation(counts: dict[str, Any], total: int, minimum: int, where: Path) -> list[int]:
+    """How many of ``total`` samples each class (CLASSES order) gets: ``minimum`` of every class with train
+    samples, the rest in proportion to the counts by largest remainder (ties to the lower class index), so
+    the allocation sums to ``total`` exactly; a class without train samples gets none."""
+    n = _counts(counts, where)
+    present = [i for i, c in enumerate(n) if c > 0]
+    spare = total - minimum * len(present)
+    if spare < 0:
+        raise UserError(f"{where}: {len(present)} classes x sample.min_per_class={minimum} exceed the {total} "
+                        "samples to draw; lower sample.min_per_class or raise sample.per_class")
+    quotas = [spare * c / sum(n) for c in n]
+    out = [minimum + int(q) if c > 0 else 0 for q, c in zip(quotas, n, strict=True)]
+    by_remainder = sorted(present, key=lambda i: (-(quotas[i] - int(quotas[i])), i))
+    for i in by_remainder[:total - sum(out)]:
+        out[i] += 1
+    return out

@@ -75,6 +75,14 @@ def test_bad_values_name_the_key(override: str, expected: str) -> None:
     assert expected in str(err.value)
 
 
+def test_sample_minimum_must_fit_the_data_mix_total() -> None:
+    with pytest.raises(ConfigError, match=r"sample.min_per_class=5 exceeds sample.per_class=4"):
+        build_config("smoke", ["sample.class_mix=data", "sample.min_per_class=5"])
+    with pytest.raises(ConfigError, match=r"sample.class_mix: Input should be 'uniform' or 'data'"):
+        build_config("smoke", ["sample.class_mix=balanced"])
+    assert build_config("smoke", ["sample.class_mix=data", "sample.min_per_class=4"]).sample.min_per_class == 4
+
+
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="unknown preset 'tiny'; allowed: smoke, seed, improved, ham128"):
         build_config("tiny")

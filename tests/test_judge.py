@@ -16,8 +16,8 @@ from conftest import SHARED_DATA
 from helpers import REPO, stage_env, tiny_config
 from PIL import Image
 
-from judge.classifier import class_matched_weights, frechet_distance
-from runtime.balance import class_weights
+from judge.classifier import frechet_distance, mix_weights
+from runtime.balance import class_allocation, class_weights
 from runtime.errors import UserError
 
 
@@ -35,7 +35,7 @@ def test_frechet_distance_matches_closed_forms() -> None:
         frechet_distance(a[:1], a)
 
 
-def test_weighted_frechet_distance_and_class_matched_weights() -> None:
+def test_weighted_frechet_distance_and_mix_weights() -> None:
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(300, 4, generator=gen), torch.randn(200, 4, generator=gen) + 0.5
     assert frechet_distance(a, b, torch.ones(300)) == pytest.approx(frechet_distance(a, b), rel=1e-9)
@@ -49,11 +49,51 @@ def test_weighted_frechet_distance_and_class_matched_weights() -> None:
         frechet_distance(a[keep], b[pick]), rel=1e-9)
     assert frechet_distance(b, a, pick.double(), keep.double()) == pytest.approx(
         frechet_distance(a, b, keep.double(), pick.double()), rel=1e-6)
-    # Real images 3:1, samples drawn 1:1 (and none of class 2): weighted, each sampled class has equal mass.
-    real, drawn = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 0, 1])
-    weights = class_matched_weights(real, drawn)
-    assert float(weights[real == 0].sum()) == pytest.approx(float(weights[real == 1].sum()))
-    assert float(weights[real == 2].sum()) == 0.0 and float(weights.sum()) == pytest.approx(len(real))
+    # Samples drawn 1:1 (and some of class 2), real images 3:1: weighted, the samples take the real mix.
+    drawn, real = torch.tensor([0, 1, 0, 1, 2, 2]), torch.tensor([0, 0, 0, 1])
+    weights = mix_weights(drawn, real)
+    assert float(weights[drawn == 0].sum()) == pytest.approx(3 * float(weights[drawn == 1].sum()))
+    assert float(weights[drawn == 2].sum()) == 0.0 and float(weights.sum()) == pytest.approx(len(drawn))
+
+
+def test_samples_weighted_to_the_real_mix_measure_the_per_class_model_not_the_mix() -> None:
+    """A perfect class-conditional model drawn 1:1 against real images 9:1: unweighted, the Fréchet distance
+    sees the class mix; with the samples weighted to the real mix it is the finite-sample noise only."""
+    from judge.evaluate import _fd_samples
+    from runtime.config import build_config
+
+    gen = torch.Generator().manual_seed(3)
+    centre = torch.tensor([[0.0, 0.0], [6.0, 0.0]])
+    real_labels = (torch.arange(4000) % 10 == 0).long()
+    sample_labels = torch.arange(4000) % 2
+    real = centre[real_labels] + torch.randn(4000, 2, generator=gen)
+    samples = centre[sample_labels] + torch.randn(4000, 2, generator=gen)
+    cfg = build_config("smoke", [])
+    assert cfg.prior.conditional
+    weighted = _fd_samples(cfg, real, real_labels, samples, sample_labels)
+    plain = frechet_distance(real, samples)
+    assert weighted < 0.05 and plain > 3  # the mix: a mean shift of 2.4 along x, and a wider spread
+    # Without real labels (unlabelled --images) or for an unconditional prior nothing is weighted.
+    assert _fd_samples(cfg, real, None, samples, sample_labels) == pytest.approx(plain)
+    seed = build_config("seed", [])
+    assert _fd_samples(seed, real, real_labels, samples, sample_labels) == pytest.approx(plain)
+
+
+def test_class_allocation_follows_the_train_mix_with_a_minimum() -> None:
+    counts = {"MEL": 890, "NV": 5230, "BCC": 410, "AKIEC": 260, "BKL": 880, "DF": 90, "VASC": 0}
+    where = Path("codes/manifest.json")
+    alloc = class_allocation(counts, 700, 20, where)
+    assert sum(alloc) == 700 and alloc[6] == 0 and min(alloc[:6]) >= 20
+    assert alloc[1] == max(alloc) and alloc[1] > 400  # NV keeps its share of what is left after the minimum
+    spare = 700 - 6 * 20
+    for i, name in enumerate(("MEL", "NV", "BCC", "AKIEC", "BKL", "DF")):
+        assert abs(alloc[i] - 20 - spare * counts[name] / 7760) < 1  # largest remainder: within one of the share
+    assert class_allocation(counts, 700, 0, where) == class_allocation(counts, 700, 0, where)  # deterministic
+    assert class_allocation({"NV": 3, "MEL": 1}, 5, 1, where) == [2, 3, 0, 0, 0, 0, 0]
+    with pytest.raises(UserError, match=r"min_per_class=200 exceed"):
+        class_allocation(counts, 700, 200, where)
+    with pytest.raises(UserError, match=r"codes/manifest\.json"):
+        class_allocation({"NV": -3}, 700, 1, where)
 
 
 def test_class_weights_make_every_class_weigh_the_same() -> None:
@@ -126,7 +166,7 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
 # ----- evaluate --images: another image set judged with a finished run -----------------------------------
 HAM = SHARED_DATA / "ham10000-200x150"
 SAMPLE = SHARED_DATA / "isic-sample"
-IMAGES_KEYS = ("recon_psnr", "recon_ssim", "recon_mse", "fd_reconstructions", "fd_samples")
+IMAGES_KEYS = ("recon_psnr", "recon_ssim", "recon_mse", "fd_reconstructions", "fd_samples", "fd_samples_floor")
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +175,25 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> P
     run_dir = tmp_path_factory.mktemp("judged") / "run"
     run_dir.mkdir()
     (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run_dir)
+    tiny_config(run_dir, "sample.class_mix=data", "sample.per_class=2", "sample.min_per_class=1")
     done = _pipeline(run_dir / "config.json")
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
+
+
+def test_samples_in_the_data_mix_follow_the_train_split(finished_run: Path) -> None:
+    """class_mix=data: the sample stage drew its classes as the codes' train split holds them (every class
+    at least once), and every sample's stored class is the one it was drawn for."""
+    import webdataset as wds
+
+    codes = json.loads((finished_run / "codes" / "manifest.json").read_text())
+    samples = json.loads((finished_run / "samples" / "manifest.json").read_text())
+    expected = class_allocation(codes["splits"]["train"]["class_counts"], 2 * 7, 1, Path("m"))
+    assert list(samples["class_counts"].values()) == expected and samples["class_mix"] == "data"
+    drawn = [int(s["cls"]) for s in wds.WebDataset([str(finished_run / "samples" / m["name"])
+                                                    for m in samples["shards"]], shardshuffle=False)]
+    assert sorted(drawn) == [c for c, n in enumerate(expected) for _ in range(n)]
+    assert (finished_run / "samples" / "samples.png").is_file()
 
 
 def _image_set(folder: Path) -> Path:
@@ -192,7 +247,7 @@ def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, 
     assert "reconstruction PSNR" in labelled.stdout and "classifier accuracy" in labelled.stdout
     result = json.loads((tmp_path / "a.json").read_text())
     metrics = result["metrics"]
-    for key in (*IMAGES_KEYS, "classifier_accuracy", "classifier_balanced_accuracy", "fd_samples_floor",
+    for key in (*IMAGES_KEYS, "classifier_accuracy", "classifier_balanced_accuracy",
                 "classifier_recon_balanced_accuracy"):
         assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
     assert 0 <= metrics["classifier_accuracy"] <= 1 and metrics["fd_reconstructions"] >= 0
@@ -210,7 +265,7 @@ def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, 
     assert unlabelled.returncode == 0, unlabelled.stderr[-3000:]
     plain = json.loads((tmp_path / "b.json").read_text())
     assert not plain["labelled"] and "classifier_accuracy" not in plain["metrics"]
-    # Labels change only the sample distance: the real images are then weighed to the samples' class mix.
+    # Labels change only the sample distance: the samples are then weighed to the real images' class mix.
     recon_keys = [k for k in IMAGES_KEYS if k != "fd_samples"]
     assert {k: plain["metrics"][k] for k in recon_keys} == {k: metrics[k] for k in recon_keys}
     assert plain["metrics"]["fd_samples"] != metrics["fd_samples"] and np.isfinite(plain["metrics"]["fd_samples"])
