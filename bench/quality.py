@@ -87,7 +87,7 @@ def _step_seconds(cfg: RunConfig, critic: bool, repeats: int = 4) -> float:
     for _ in range(repeats + 1):
         start = time.perf_counter()
         loss, extras = task.loss(model, batch)
-        losses = [loss if disc is None else task.adversarial_loss(model, disc.module, loss, extras)[0]]
+        losses = [loss if disc is None else task.adversarial_loss(model, disc.module, loss, extras, 0)[0]]
         if disc is not None:
             losses.append(task.critic_loss(disc.module)[0])
         for optim, value in zip(optims, losses, strict=True):  # the model first, then the critic (as training)

@@ -253,6 +253,10 @@ class AdversarialConfig(_Strict):
         "first step with a discriminator: before it the discriminator is neither trained nor used"))
     weight: float = Field(0.8, ge=0.0, description=(
         "times the adaptive weight ||grad L_rec|| / ||grad L_adv|| at the decoder's last layer"))
+    ramp_steps: int = Field(0, ge=0, description=(
+        "the generator's adversarial weight rises linearly from 0 to full over this many steps from start_step "
+        "(the discriminator trains at full rate from start_step); 0 = full at once, as VQGAN. A random critic "
+        "at full adaptive weight pushes as hard as the reconstruction loss and can undo it"))
     disc_layers: int = Field(3, ge=1, le=8, description="stride-2 convolutions of the discriminator")
     disc_channels: int = Field(64, ge=1, le=1024, description="width of the first; doubled per layer, up to 8x")
     lr: float | None = Field(None, gt=0.0, description="discriminator learning rate; null = vqvae_train.lr")

@@ -87,7 +87,7 @@ class CriticTask(TrainTask, Protocol):
         """None: no critic in this configuration."""
 
     def adversarial_loss(self, model: torch.nn.Module, critic: torch.nn.Module, loss: torch.Tensor,
-                         extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         extras: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The model's loss with its adversarial term. Both networks unwrapped; the critic must be used without
         gradients to its parameters, so the model's DDP step never involves it."""
 
@@ -294,7 +294,8 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
         with accelerator.autocast():
             loss, extras = task.loss(model, batch)
             if adversarial := critic is not None and state.step >= critic.start_step:
-                loss, extras = task.adversarial_loss(accelerator.unwrap_model(model), critic.module, loss, extras)
+                loss, extras = task.adversarial_loss(accelerator.unwrap_model(model), critic.module, loss, extras,
+                                                     state.step)
                 critic_loss, critic_extras = task.critic_loss(critic_net)
                 extras = {**extras, **critic_extras}
                 # Adds 0 to the model's loss, or the critic's loss when that is not finite: the one non-finite

@@ -22,9 +22,10 @@ from vqvae.discriminator import PatchDiscriminator, adaptive_weight, generator_l
 from vqvae.models import build_vqvae
 
 ADV = ["vqvae_train.adversarial.enabled=true", "vqvae_train.adversarial.start_step=5",
-       "vqvae_train.max_steps=12", "vqvae_train.checkpoint_every=4", "vqvae_train.log_every=2",
-       "vqvae_train.eval_every=100"]
-"""Tiny run (32 px) with the discriminator starting inside it; checkpoints at 4 (before the start), 8, 12."""
+       "vqvae_train.adversarial.ramp_steps=6", "vqvae_train.max_steps=12", "vqvae_train.checkpoint_every=4",
+       "vqvae_train.log_every=2", "vqvae_train.eval_every=100"]
+"""Tiny run (32 px) with the discriminator starting inside it and its weight ramping in over steps 5-10;
+checkpoints at 4 (before the start), 8 (mid-ramp), 12."""
 
 ADV_METRICS = ("train/d_loss", "train/g_adv", "train/adv_weight", "train/logits_real", "train/logits_fake")
 
@@ -63,6 +64,28 @@ def test_adaptive_weight_equals_the_hand_computation() -> None:
     assert not got.requires_grad and w.grad is None  # detached; nothing accumulated into .grad
     # An adversarial loss without gradient at the layer: clamped at 1e4 instead of ||grad rec|| / 1e-4.
     assert adaptive_weight(((w * a) ** 2).sum(), (w * 0.0).sum(), w).item() == 1e4
+
+
+def test_adversarial_weight_ramps_in_linearly_from_the_start_step() -> None:
+    """ramp_steps=4 from start_step=10: the generator's adversarial term at 1/4, 2/4, ... of its full weight,
+    on the same images and networks (the adaptive weight itself unchanged); 0 = full at once (VQGAN)."""
+    from vqvae.train import VQVAETask
+
+    cfg = build_config("smoke", ["data.image_size=32", "vqvae_train.max_steps=40", *(
+        f"vqvae_train.adversarial.{k}" for k in ("enabled=true", "start_step=10", "ramp_steps=4"))])
+    task = VQVAETask(cfg, Path())
+    torch.manual_seed(0)
+    model, critic = task.build_model(), task.build_critic()
+    batch = {"image": torch.rand(4, 3, 32, 32)}
+    weights = []
+    for step in (10, 11, 13, 14, 30):
+        loss, extras = task.loss(model, batch)
+        weights.append(float(task.adversarial_loss(model, critic.module, loss, extras, step)[1]["adv_weight"]))
+    full = weights[-1]
+    assert weights == pytest.approx([full / 4, full / 2, full, full, full], rel=1e-5) and full > 0
+    assert [task.ramp(s) for s in (10, 12, 13, 99)] == [0.25, 0.75, 1.0, 1.0]
+    plain = VQVAETask(build_config("smoke", ["vqvae_train.adversarial.enabled=true"]), Path())
+    assert plain.ramp(0) == 1.0
 
 
 @pytest.mark.parametrize("preset", ["smoke", "seed"])

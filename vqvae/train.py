@@ -71,15 +71,21 @@ class VQVAETask:
                       start_step=adv.start_step)
 
     def adversarial_loss(self, model: torch.nn.Module, critic: torch.nn.Module, loss: torch.Tensor,
-                         extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         extras: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert self._outputs is not None, "loss() runs first"
         _, recon, recon_mse = self._outputs
         # The critic's parameters enter as constants: the gradient reaches the reconstruction only, so the
         # model's backward never touches the critic (nor its DDP reducer).
         frozen = {name: p.detach() for name, p in critic.named_parameters()}
         g_adv = generator_loss(functional_call(critic, frozen, (recon.float(),)))
-        weight = adaptive_weight(recon_mse, g_adv, model.last_layer) * self.adversarial.weight
+        weight = adaptive_weight(recon_mse, g_adv, model.last_layer) * self.adversarial.weight * self.ramp(step)
         return loss + weight * g_adv, {**extras, "g_adv": g_adv, "adv_weight": weight}
+
+    def ramp(self, step: int) -> float:
+        """The share of the adversarial weight at ``step``: linear over ``ramp_steps`` from ``start_step``
+        (the first adversarial step already gets 1 / ramp_steps, so no step is spent on a zero term)."""
+        adv = self.adversarial
+        return 1.0 if adv.ramp_steps == 0 else min(1.0, (step - adv.start_step + 1) / adv.ramp_steps)
 
     def critic_loss(self, critic: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert self._outputs is not None, "loss() runs first"
