@@ -65,7 +65,8 @@ def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -
     return [*out, "wandb=disabled", f"classifier_train.max_steps={args.classifier_steps}",
             f"classifier_train.checkpoint_every={args.classifier_steps}",
             f"classifier_train.eval_every={args.classifier_steps}", "classifier_train.num_workers=1",
-            f"sample.per_class={args.per_class}"]
+            f"sample.per_class={args.per_class}",
+            f"sample.min_per_class={min(ham.sample.min_per_class, args.per_class)}"]
 
 
 VARIANTS = {"ema": ("vqvae.quantizer.kind=ema",), "adversarial": ("vqvae_train.adversarial.enabled=true",)}
@@ -115,11 +116,13 @@ def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
 
 def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float, adversarial_step: float | None = None) -> list[str]:
     """Steps for ``seconds`` of training; adversarial (``adversarial_step`` s per step with the critic): the
-    critic from half-way on, as VQGAN starts it once reconstructions have settled."""
+    critic from half-way on, as VQGAN starts it once reconstructions have settled, its weight ramping in over
+    a quarter of the run."""
     mean_step = step if adversarial_step is None else (step + adversarial_step) / 2
     steps = max(int(seconds / mean_step), 10)
     warmup = min(cfg.vqvae_train.warmup_steps, steps // 20)
-    critic = [] if adversarial_step is None else [f"vqvae_train.adversarial.start_step={steps // 2}"]
+    critic = [] if adversarial_step is None else [f"vqvae_train.adversarial.start_step={steps // 2}",
+                                                  f"vqvae_train.adversarial.ramp_steps={steps // 4}"]
     return [f"vqvae_train.max_steps={steps}", f"vqvae_train.warmup_steps={warmup}",
             f"vqvae_train.checkpoint_every={max(steps // 4, 1)}", f"vqvae_train.eval_every={steps}",
             "vqvae_train.num_workers=1", *critic]

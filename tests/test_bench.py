@@ -118,6 +118,8 @@ def test_quality_variants_are_valid_runs_at_equal_time() -> None:
     adversarial = build_config(preset, [*over, *_vqvae_overrides(build_config(preset, over), 90.0, 1.0, 2.0)])
     # 90 s at 1 s per plain step and 2 s per step with the critic, which starts half-way: 60 steps, 30 each.
     assert adversarial.vqvae_train.max_steps == 60 and adversarial.vqvae_train.adversarial.start_step == 30
+    assert adversarial.vqvae_train.adversarial.ramp_steps == 15
+    assert adversarial.sample.class_mix == "data" and adversarial.sample.min_per_class == 2  # at most per_class
     assert adversarial.vqvae_train.adversarial.enabled
     # The timing runs the training stage's own adversarial hooks (one small step each way).
     small = build_config(preset, [*over, "vqvae_train.batch_size=2", "data.image_size=64",
