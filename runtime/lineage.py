@@ -51,6 +51,12 @@ NOT_IN_IDENTITY = frozenset({
     "data.isic_images", "data.isic_csv",
 })
 
+ADDED_SETTINGS: dict[str, Any] = {
+    # Settings added after outputs were made, with the value that reproduces those outputs: at that value a
+    # setting is left out of the identity, so upgrading lesion-vq never makes a finished stage stale.
+    "vqvae_train.adversarial.ramp_steps": 0,
+}
+
 
 class LineageError(UserError):
     """Inputs that do not belong together (or to this config)."""
@@ -61,10 +67,22 @@ def _digest(obj: Any) -> str:
 
 
 def settings(cfg: Any, name: str) -> dict[str, Any]:
-    """The config values a stage's outputs depend on, as ``{"section.key": value}``."""
-    return {f"{section}.{key}": value for section in stage(name).sections
-            for key, value in getattr(cfg, section).model_dump(mode="json").items()
-            if f"{section}.{key}" not in NOT_IN_IDENTITY}
+    """The config values a stage's outputs depend on, as ``{"section.key": value}`` (nested sections as dicts),
+    without :data:`NOT_IN_IDENTITY` and without :data:`ADDED_SETTINGS` at their old-behaviour values."""
+    out = {f"{section}.{key}": value for section in stage(name).sections
+           for key, value in getattr(cfg, section).model_dump(mode="json").items()
+           if f"{section}.{key}" not in NOT_IN_IDENTITY}
+    for dotted, old_value in ADDED_SETTINGS.items():
+        section, key, *inner = dotted.split(".")
+        holder, last = out, f"{section}.{key}"
+        for part in inner:  # down into a nested section (vqvae_train.adversarial.ramp_steps)
+            holder, last = holder.get(last), part
+            if not isinstance(holder, dict):
+                break
+        else:
+            if last in holder and holder[last] == old_value:
+                del holder[last]
+    return out
 
 
 def identity(cfg: Any, name: str, upstream: dict[str, str], inputs: Any = None) -> str:

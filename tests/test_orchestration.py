@@ -179,6 +179,27 @@ def test_forgotten_override_keeps_the_old_outputs_and_dry_run_says_what_happens(
 
 
 # ----- 8. one lineage -----------------------------------------------------------------------------------
+# A vqvae identity fixed before vqvae_train.adversarial.ramp_steps existed (tiny config, no upstream): adding
+# an option must not make outputs of the old behaviour stale, or every upgrade would retrain every stage.
+IDENTITY_BEFORE_RAMP_STEPS = "d18fd603ad70cf20"
+
+
+def test_an_added_setting_at_its_old_behaviour_keeps_the_identity() -> None:
+    from runtime.config import build_config
+    from runtime.lineage import ADDED_SETTINGS, identity, settings
+
+    assert identity(build_config("smoke", []), "vqvae", {}) == IDENTITY_BEFORE_RAMP_STEPS
+    ramped = build_config("smoke", ["vqvae_train.adversarial.ramp_steps=5"])
+    assert identity(ramped, "vqvae", {}) != IDENTITY_BEFORE_RAMP_STEPS  # another value: another output
+    assert settings(ramped, "vqvae")["vqvae_train.adversarial"]["ramp_steps"] == 5
+    for dotted in ADDED_SETTINGS:  # every listed setting names a real config key
+        section, *path = dotted.split(".")
+        value = build_config("smoke", []).model_dump(mode="json")[section]
+        for part in path:
+            value = value[part]
+        assert value == ADDED_SETTINGS[dotted], dotted
+
+
 def test_code_shards_of_another_vqvae_are_refused(trained: Path, tmp_path: Path, tiny_data: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
