@@ -171,14 +171,16 @@ def main() -> None:
     try:
         accelerate_main()
     except SignalException as err:
-        _ignore_termination()
         # SIGTERM/SIGINT reached torchrun's agent too (scancel, pre-emption, Ctrl-C: every process gets it).
         # It has already passed it on to the workers and waited for them; they checkpoint on it at the next
         # step, so this run is one to resume, not a failure.
-        code = EXIT_INTERRUPTED if err.sigval == signal.SIGINT else EXIT_REQUEUE
-        print(f"runtime.launcher: stopped by {signal.Signals(err.sigval).name}; exiting {code} "
-              "(the workers checkpoint on the same signal)", file=sys.stderr)
-        sys.exit(code)
+        _stopped_by(err.sigval)
+    except SystemExit as err:
+        # accelerate >= 1.16 catches the agent's SignalException itself, and replaces our SIGTERM handler
+        # around a single worker, exiting 128 + N in both cases: the same stop, reported the same way.
+        if err.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            _stopped_by(signal.Signals(err.code - 128))
+        raise
     except Exception as err:  # a worker failed: exit with ITS status, so 75 ("requeue me") survives
         _ignore_termination()
         code = worker_exit_status(err)
@@ -187,6 +189,15 @@ def main() -> None:
         if code not in STOP_STATUSES:
             print(f"runtime.launcher: training worker(s) exited with status {code}", file=sys.stderr)
         sys.exit(code)
+
+
+def _stopped_by(sig: int) -> None:
+    """Exit as a run stopped by ``sig`` (TERM: 75, to be requeued; INT: 130): the workers checkpointed on it."""
+    _ignore_termination()
+    code = EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_REQUEUE
+    print(f"runtime.launcher: stopped by {signal.Signals(sig).name}; exiting {code} "
+          "(the workers checkpoint on the same signal)", file=sys.stderr)
+    sys.exit(code)
 
 
 def _ignore_termination() -> None:
