@@ -122,14 +122,15 @@ class _Judged:
         return balanced_accuracy(torch.cat(self.recon_guesses), truth)
 
 
-def _train_reconstructions(cfg: RunConfig, classifier: LesionClassifier, vqvae: VQVAE, count: int) -> torch.Tensor:
-    """Judge features of the VQ-VAE reconstructions of the first ``count`` training images: what a perfect
-    prior's samples would be (decoded code grids of fresh real images, in the data's own class mix)."""
-    batches = -(-count // cfg.evaluate.batch_size)
-    loader = make_eval_loader(RunLayout.of(cfg).stage_dir("data") / "train", batch_size=cfg.evaluate.batch_size,
-                              max_batches=batches)
-    out = [classifier.features(vqvae(b["image"]).recon.float().clamp(0, 1)) for b in loader]
-    return torch.cat(out)[:count]
+def _judge_train(cfg: RunConfig, classifier: LesionClassifier, vqvae: VQVAE, count: int) -> _Judged:
+    """The first ``count`` training images (rounded up to whole batches) and their reconstructions, judged in
+    one pass. Those reconstructions are what a perfect prior's samples would be: decoded code grids of fresh
+    real images, in the data's own class mix."""
+    judged = _Judged(classifier, vqvae, cfg.vqvae.codebook_size)
+    for batch in make_eval_loader(RunLayout.of(cfg).stage_dir("data") / "train", batch_size=cfg.evaluate.batch_size,
+                                  max_batches=-(-count // cfg.evaluate.batch_size)):
+        judged.add(batch["image"])
+    return judged
 
 
 def _fd_samples(cfg: RunConfig, real: torch.Tensor, real_labels: torch.Tensor | None, samples: torch.Tensor,
@@ -158,10 +159,10 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
                                   max_batches=batches):
         judged.add(batch["image"])
         val_labels.append(batch["label"])
-    train_real = [classifier.features(b["image"]) for b in make_eval_loader(
-        layout.stage_dir("data") / "train", batch_size=cfg.evaluate.batch_size, max_batches=batches)]
     sample_features, sample_guesses, sample_labels = _samples(cfg, run.manifests["sample"], classifier)
-    perfect = _train_reconstructions(cfg, classifier, vqvae, len(sample_labels))
+    train = _judge_train(cfg, classifier, vqvae, max(batches * cfg.evaluate.batch_size, len(sample_labels)))
+    train_real = torch.cat(train.real)[:batches * cfg.evaluate.batch_size]
+    perfect = torch.cat(train.recon)[:len(sample_labels)]
 
     real_features = torch.cat(judged.real)
     per_class = recall_per_class(sample_guesses, sample_labels)
@@ -174,7 +175,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         "chance": 1.0 / len(CLASSES),
         "fd_reconstructions": recon.pop("fd_reconstructions"),
         "fd_samples": _fd_samples(cfg, real_features, val_truth, sample_features, sample_labels),
-        "fd_real_train_floor": frechet_distance(real_features, torch.cat(train_real)),
+        "fd_real_train_floor": frechet_distance(real_features, train_real),
         "fd_samples_floor": frechet_distance(real_features, perfect),
         "classifier_recon_balanced_accuracy": judged.recon_balanced_accuracy(val_truth),
         "sample_class_agreement": balanced_accuracy(sample_guesses, sample_labels),
@@ -271,7 +272,8 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
     metrics: dict[str, Any] = {
         **judged.reconstruction(),
         "fd_samples": _fd_samples(cfg, real, truth, sample_features, sample_labels),
-        "fd_samples_floor": frechet_distance(real, _train_reconstructions(cfg, classifier, vqvae, len(sample_labels)))}
+        "fd_samples_floor": frechet_distance(
+            real, torch.cat(_judge_train(cfg, classifier, vqvae, len(sample_labels)).recon)[:len(sample_labels)])}
     if truth is not None:
         guesses = torch.cat(judged.guesses)
         metrics |= {"classifier_accuracy": float((guesses == truth).float().mean()),
