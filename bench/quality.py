@@ -285,7 +285,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
     if args.measure_only:
-        _report(args.root.resolve(), list(_run_configs(args)), reevaluate=True)
+        names = list(_run_configs(args))
+        missing = [name for name in names if not (args.root / name / "config.json").is_file()]
+        if missing:
+            print(f"error: --measure-only: no run {', '.join(missing)} under {args.root} (each needs its "
+                  "config.json); run `python -m bench quality` there first", file=sys.stderr)
+            sys.exit(2)
+        _report(args.root.resolve(), names, reevaluate=True)
         return
     for path in (args.images, args.csv):
         if not path.exists():

@@ -125,3 +125,16 @@ def test_quality_variants_are_valid_runs_at_equal_time() -> None:
     small = build_config(preset, [*over, "vqvae_train.batch_size=2", "data.image_size=64",
                                   "vqvae_train.adversarial.disc_layers=2"])
     assert _step_seconds(small, critic=True, repeats=1) > 0 and _step_seconds(small, critic=False, repeats=1) > 0
+
+
+def test_quality_measure_only_names_the_missing_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--measure-only`` trains nothing, so under a root without the runs it says which are missing (exit 2)."""
+    from bench.quality import main
+
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--measure-only", "--root", str(tmp_path)])
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "ham128, ham128-gated, ham128-unguided" in line and "seed," not in line
