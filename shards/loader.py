@@ -16,7 +16,7 @@ import multiprocessing
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,8 @@ class ImageDecoder:
             raise ManifestError(f"{split_dir} holds {size} px images (its manifest), but {self.image_size} px "
                                 f"were asked for; repack with data.image_size={self.image_size} "
                                 "(python launch/pipeline.py --only data) or train at the packed size")
+        if self.augment:
+            _rotate()  # see _rotate
         return replace(self, image_size=size)
 
     def empty(self) -> dict[str, torch.Tensor]:
@@ -166,15 +168,23 @@ def augment_draws(gen: torch.Generator) -> torch.Tensor:
     return torch.cat([angle, (torch.rand(2, generator=gen) < 0.5).float()])
 
 
+@cache
+def _rotate() -> Callable[..., torch.Tensor]:
+    """torchvision's rotate, imported on first need: its import pulls in all its models (~1 s), which stages
+    that never augment (encode, prior training, sampling) should not pay at start-up. An augmenting decoder
+    imports it in the parent (:meth:`ImageDecoder.for_split`), before the loader forks its workers: wandb
+    watches torchvision's import, and in a worker forked after ``wandb.init`` that import raises wandb's
+    ForkedError, which dropped each worker's first sample as undecodable."""
+    import torchvision.transforms.v2.functional as TF
+
+    return TF.rotate
+
+
 def apply_augment(image: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """One uint8 C x H x W image (CPU or GPU) rotated (nearest, zero fill, as torchvision's default) and flipped."""
     angle, hflip, vflip = draws.tolist()
     if angle:
-        # Imported here: torchvision's import pulls in all its models (~1 s), which stages that never
-        # augment (encode, prior training, sampling) should not pay at start-up.
-        import torchvision.transforms.v2.functional as TF
-
-        image = TF.rotate(image, angle)
+        image = _rotate()(image, angle)
     if hflip:
         image = image.flip(-1)
     if vflip:
@@ -185,7 +195,7 @@ def apply_augment(image: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: int) -> dict[str, Any]:
     """A deferred batch (ImageDecoder(defer=True)) as the usual ``image`` float batch on ``device``: JPEGs are
     decoded in one batched call there (nvJPEG on a GPU), anything else on the CPU, then augmented there."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # see apply_augment
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # imported on first need, as _rotate
 
     encoded = [torch.as_tensor(e) for e in batch.pop("encoded", [])]  # the DataLoader may have converted them
     draws = batch.pop("augment")

@@ -1,5 +1,7 @@
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,36 @@ def test_images_decoded_on_the_device_equal_the_worker_path(synth_shards):
     a, b = on_workers.to_device(a, torch.device("cpu")), on_device.to_device(b, torch.device("cpu"))
     assert a["key"] == b["key"] and torch.equal(a["label"], b["label"])
     assert b["image"].shape == a["image"].shape == (8, 3, 32, 32) and torch.equal(a["image"], b["image"])
+
+
+_WANDB_THEN_FORK = """
+import json, sys
+from pathlib import Path
+from runtime.tracking import RunLogger
+from shards.loader import make_train_loader
+
+assert "torchvision" not in sys.modules  # what a fresh training stage looks like when its tracker starts
+tracker = RunLogger(Path(sys.argv[2]), "vqvae", {}, enabled=True, wandb_mode="offline", resume_step=0)
+assert tracker._wandb is not None, "wandb offline did not start"
+keys = {}
+for workers in (2, 0):  # forked workers first, before the parent has imported anything itself
+    loader = make_train_loader(Path(sys.argv[1]), batch_size=8, rank=0, world_size=1, epoch=0, seed=1,
+                               num_workers=workers, augment=True)
+    keys[workers] = [k for batch in loader for k in batch["key"]]
+tracker.close()
+print(json.dumps(keys))
+"""
+
+
+def test_forked_workers_decode_every_sample_while_wandb_runs(synth_shards, tmp_path):
+    """Augmenting workers forked after wandb.init (offline, the default) lose no sample: wandb watches the
+    torchvision import, and a worker importing it itself raised wandb's ForkedError, dropping its first sample."""
+    from helpers import REPO, stage_env
+
+    done = subprocess.run([sys.executable, "-c", _WANDB_THEN_FORK, str(synth_shards / "train"), str(tmp_path)],
+                          cwd=REPO, env=stage_env(WANDB_MODE="offline", WANDB_SILENT="true"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys = json.loads(done.stdout.strip().splitlines()[-1])
+    assert keys["2"] == keys["0"] and len(keys["0"]) == read_manifest(synth_shards / "train")["num_samples"]
+    assert "dropped" not in done.stderr, done.stderr[-2000:]
