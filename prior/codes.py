@@ -16,11 +16,13 @@ from shards.loader import class_label, declared, make_eval_loader
 from shards.manifest import ManifestError
 from shards.stream import SampleRefused
 
-_CODE_DTYPES = (np.uint8, np.int16, np.int32)
+# int16 before uint16: both take 2 bytes, and earlier versions wrote int16 up to 32,768 codes.
+_CODE_DTYPES = (np.uint8, np.int16, np.uint16, np.int32)
 
 
 def code_dtype(codebook_size: int) -> np.dtype:
-    """The smallest integer type holding codes 0..codebook_size-1 (uint8 up to 256 codes, then int16, int32)."""
+    """The smallest integer type holding codes 0..codebook_size-1: uint8 up to 256 codes, int16 up to 32,768,
+    uint16 up to 65,536 (the largest codebook the config allows), then int32."""
     for dtype in _CODE_DTYPES:
         if codebook_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)

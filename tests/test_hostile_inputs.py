@@ -308,10 +308,12 @@ def test_code_shards_use_the_smallest_integer_dtype_holding_the_codebook() -> No
     """Old code wrote int16 whatever the codebook size."""
     from prior.codes import code_dtype, codes_npy
 
-    assert [code_dtype(k) for k in (2, 256, 257, 32768, 32769)] == [np.uint8, np.uint8, np.int16, np.int16, np.int32]
-    grid = np.array([[0, 255], [7, 9]])
-    stored = np.load(io.BytesIO(codes_npy(grid, 256)), allow_pickle=False)
-    assert stored.dtype == np.uint8 and (stored == grid).all()
+    sizes = (2, 256, 257, 32768, 32769, 65536, 65537)
+    assert [code_dtype(k) for k in sizes] == [np.uint8, np.uint8, np.int16, np.int16, np.uint16, np.uint16, np.int32]
+    for k, top in ((256, 255), (32768, 32767), (65536, 65535)):  # the largest code survives the round trip
+        grid = np.array([[0, top], [7, 9]])
+        stored = np.load(io.BytesIO(codes_npy(grid, k)), allow_pickle=False)
+        assert stored.dtype == code_dtype(k) and (stored == grid).all()
 
 
 # ----- a tiny run through every stage, shared by several tests -------------------------------------------

@@ -138,7 +138,7 @@ def test_fsq_codebook_sizes_end_to_end(levels: list[int]) -> None:
     for code in codes:
         blob = codes_npy(code.numpy(), k)
         stored = np.load(io.BytesIO(blob), allow_pickle=False)
-        assert stored.dtype == code_dtype(k) == (np.int16 if k <= 2**15 else np.int32)
+        assert stored.dtype == code_dtype(k) == (np.int16 if k <= 2**15 else np.uint16)
         assert torch.equal(decoder("key", {"codes.npy": blob, "cls": b"3"}, 0)["codes"], code)
 
     prior = build_prior(PriorConfig(arch="gated", filters=8, layers=1, kernel_size=3, embed_dim=4), k, 7).eval()
