@@ -24,6 +24,10 @@ shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same 
 whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
 unit, baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in
 ``ROOT/grids/`` (real validation images above their seed and ham128 reconstructions; samples per class).
+
+**Held out**: every run is also judged (``python -m judge.evaluate --images``) on the original files of the
+packed *test* split, lesions that no run trained on and no setting was chosen by (``ROOT/held-out/`` links to
+them), with the same rows and verdicts (``held out: ...``); ``ROOT/held-out-NAME.json`` keeps each result.
 """
 
 from __future__ import annotations
@@ -284,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measure-only", action="store_true",
                         help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
+    for path in (args.images, args.csv):  # also for --measure-only: the held-out judgement reads the originals
+        if not path.exists():
+            print(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)",
+                  file=sys.stderr)
+            sys.exit(2)
     if args.measure_only:
         names = list(_run_configs(args))
         missing = [name for name in names if not (args.root / name / "config.json").is_file()]
@@ -291,13 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: --measure-only: no run {', '.join(missing)} under {args.root} (each needs its "
                   "config.json); run `python -m bench quality` there first", file=sys.stderr)
             sys.exit(2)
-        _report(args.root.resolve(), names, reevaluate=True)
+        _report(args.root.resolve(), names, reevaluate=True, images=args.images, csv=args.csv)
         return
-    for path in (args.images, args.csv):
-        if not path.exists():
-            print(f"error: {path} does not exist; give --images DIR --csv CSV (HAM10000 or ISIC 2018 layout)",
-                  file=sys.stderr)
-            sys.exit(2)
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     runs = _run_configs(args)
@@ -350,12 +354,68 @@ def main(argv: list[str] | None = None) -> None:
         _wait({name: _pipeline(root / name, runs[name][0], [*runs[name][1], *vq[name]], root / f"{name}.log",
                                cpus[i] if len(cpus) >= 2 else None) for i, name in enumerate(pair)}, root)
     print(f"all runs done in {(time.time() - started) / 60:.1f} min", flush=True)
-    _report(root, list(runs), reevaluate=False)
+    _report(root, list(runs), reevaluate=False, images=args.images, csv=args.csv)
 
 
-def _report(root: Path, names: list[str], reevaluate: bool) -> None:
-    """Measure the finished runs under ``root``; ``reevaluate``: first re-run their evaluate stage (a changed
-    judge or metric), which trains nothing."""
+def _held_out_images(root: Path, images: Path) -> Path:
+    """ROOT/held-out: a link to the original file of every image of the packed test split."""
+    from shards.ingest import find_images
+    from shards.loader import make_eval_loader
+
+    originals, _ = find_images(images)
+    folder = root / "held-out"
+    folder.mkdir(exist_ok=True)
+    for batch in make_eval_loader(root / "ham128" / "data" / "test", batch_size=256):
+        for key in batch["key"]:
+            if key not in originals:
+                sys.exit(f"error: test-split image {key} is not in {images} (give the --images the runs were "
+                         "packed from)")
+            link = folder / originals[key].name
+            if not link.is_symlink():
+                link.symlink_to(originals[key].resolve())
+    return folder
+
+
+def _judge_held_out(root: Path, names: list[str], images: Path, csv: Path) -> dict[str, dict[str, float]]:
+    """Each run judged on the test split's originals by ``judge.evaluate --images``: its metrics by name."""
+    folder = _held_out_images(root, images)
+    results = {}
+    for name in names:
+        out = root / f"held-out-{name}.json"
+        done = subprocess.run([sys.executable, "-m", "judge.evaluate", "--run-dir", str(root / name), "--images",
+                               str(folder), "--csv", str(csv), "--out", str(out)], cwd=REPO_ROOT,
+                              env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
+        if done.returncode != 0:
+            sys.exit(f"error: judging {root / name} on the held-out images failed (exit {done.returncode})")
+        judged = json.loads(out.read_text())
+        results[name] = {"images_judged": float(judged["images_judged"]),
+                         **{k: float(v) for k, v in judged["metrics"].items() if isinstance(v, (int, float))}}
+    return results
+
+
+_HELD_OUT = ("recon_psnr", "fd_reconstructions", "fd_samples", "fd_samples_floor", "classifier_balanced_accuracy")
+"""Rows of the held-out judgement: what does not depend on the validation split only."""
+
+
+def _held_out_rows(held: dict[str, dict[str, float]]) -> list[Row]:
+    base = {"fd_samples": "ham128-gated"}
+    return [Row("quality", f"held out: {name}: {key}", values[key], "",
+                f"held out: {base.get(key, 'seed') if name != 'seed' else 'seed'}: {key}")
+            for key in _HELD_OUT for name, values in held.items()]
+
+
+def _held_out_verdict(held: dict[str, dict[str, float]]) -> str:
+    seed, best, gated = held["seed"], held["ham128"], held["ham128-gated"]
+    return (f"held out ({best['images_judged']:.0f} test-split images): ham128 "
+            f"{best['recon_psnr'] - seed['recon_psnr']:+.2f} dB PSNR and recon "
+            f"FD x{best['fd_reconstructions'] / seed['fd_reconstructions']:.2f} vs seed; sample FD "
+            f"x{best['fd_samples'] / gated['fd_samples']:.2f} vs gated (transformer {best['fd_samples']:.3f}, gated "
+            f"{gated['fd_samples']:.3f}, a perfect prior's {best['fd_samples_floor']:.3f})")
+
+
+def _report(root: Path, names: list[str], reevaluate: bool, images: Path, csv: Path) -> None:
+    """Measure the finished runs under ``root``, on the validation split and on the held-out test split;
+    ``reevaluate``: first re-run their evaluate stage (a changed judge or metric), which trains nothing."""
     for name in names if reevaluate else ():
         done = subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(root / name / "config.json"),
                                "--only", "evaluate"], cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": "disabled"},
@@ -363,8 +423,9 @@ def _report(root: Path, names: list[str], reevaluate: bool) -> None:
         if done.returncode != 0:
             sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
     results = {name: _measure(root, name) for name in names}
+    held = _judge_held_out(root, names, images, csv)
     _grids(root, [name for name in names if name.removeprefix("ham128-") in VARIANTS])
-    md, js = write_results(_rows(results), root, quick=False)
+    md, js = write_results([*_rows(results), *_held_out_rows(held)], root, quick=False)
     print(md.read_text())
-    print("\n".join(_verdicts(results)))
+    print("\n".join([*_verdicts(results), _held_out_verdict(held)]))
     print(f"written: {md}, {js} and {root / 'grids'}/*.png")

@@ -133,8 +133,11 @@ def test_quality_measure_only_names_the_missing_runs(tmp_path: Path, capsys: pyt
 
     (tmp_path / "seed").mkdir()
     (tmp_path / "seed" / "config.json").write_text("{}")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "meta.csv").write_text("lesion_id,image_id,dx\n")
     with pytest.raises(SystemExit) as stopped:
-        main(["--measure-only", "--root", str(tmp_path)])
+        main(["--measure-only", "--root", str(tmp_path), "--images", str(tmp_path / "images"),
+              "--csv", str(tmp_path / "meta.csv")])
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "ham128, ham128-gated, ham128-unguided" in line and "seed," not in line

@@ -298,3 +298,46 @@ def test_evaluate_images_refuses_bad_input_in_one_line(tmp_path: Path, finished_
     _one_line_error(_judge(*run, "--images", images, "--out", foreign), "is not an evaluation lesion-vq wrote")
     assert foreign.read_text() == '{"mine": true}\n'
     _one_line_error(_judge("--images", images), "--run-dir")
+
+
+@pytest.mark.slow
+def test_bench_quality_judges_every_run_on_the_test_split_originals(tmp_path: Path, finished_run: Path) -> None:
+    """``bench quality``'s held-out judgement: ROOT/held-out links exactly the originals of the packed test
+    split (not those of train or val), and each run is judged on them by ``judge.evaluate --images``."""
+    from bench.quality import _held_out_images, _judge_held_out
+    from runtime.config import CLASSES
+    from shards.loader import make_eval_loader
+
+    originals, rows, keys = tmp_path / "originals", ["lesion_id,image_id,dx"], {}
+    originals.mkdir()
+    for split in ("train", "val", "test"):  # every split's images, as the folder packing read would hold them
+        keys[split] = []
+        for batch in make_eval_loader(finished_run / "data" / split, batch_size=64):
+            for key, image, label in zip(batch["key"], batch["image"], batch["label"], strict=True):
+                pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
+                Image.fromarray(pixels).save(originals / f"{key}.png")
+                rows.append(f"L_{key},{key},{CLASSES[int(label)].lower()}")
+                keys[split].append(key)
+    csv = tmp_path / "meta.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    assert len(keys["test"]) >= 2
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ham128").symlink_to(finished_run, target_is_directory=True)
+
+    held = _judge_held_out(root, ["ham128"], originals, csv)
+    linked = sorted(p.stem for p in (root / "held-out").iterdir())
+    assert linked == sorted(keys["test"])
+    assert all((root / "held-out" / f"{k}.png").resolve() == (originals / f"{k}.png").resolve() for k in linked)
+    judged = json.loads((root / "held-out-ham128.json").read_text())
+    assert judged["images_judged"] == len(keys["test"]) == held["ham128"]["images_judged"]
+    for key in ("recon_psnr", "fd_reconstructions", "fd_samples", "fd_samples_floor", "classifier_balanced_accuracy"):
+        assert held["ham128"][key] == judged["metrics"][key] and np.isfinite(held["ham128"][key]), key
+
+    (originals / f"{keys['test'][0]}.png").unlink()  # packed from another folder: one line, not a KeyError
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ham128").symlink_to(finished_run, target_is_directory=True)
+    with pytest.raises(SystemExit) as stopped:
+        _held_out_images(other, originals)
+    assert f"test-split image {keys['test'][0]} is not in {originals}" in str(stopped.value.code)
