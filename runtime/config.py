@@ -378,6 +378,11 @@ class EvaluateConfig(_Strict):
 class EncodeConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     num_tasks: int = Field(2, gt=0, description="encode tasks (Slurm array size), each over a subset of shards")
+    train_views: Literal[1, 2, 4, 8] = Field(1, description=(
+        "code grids per training image, each of another view of it (vqvae/encode.py VIEWS): 1 = as packed, "
+        "2 = also mirrored, 4 = the four flips, 8 = every rotation by 90 degrees, mirrored or not. A dermoscopy "
+        "image has no up or left, so each view is another real lesion for the prior: 8 views give it 8x the "
+        "training grids. Validation and test splits keep one grid per image"))
 
 
 class SlurmResources(_Strict):

@@ -55,6 +55,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     # Settings added after outputs were made, with the value that reproduces those outputs: at that value a
     # setting is left out of the identity, so upgrading lesion-vq never makes a finished stage stale.
     "vqvae_train.adversarial.ramp_steps": 0,
+    "encode.train_views": 1,
 }
 
 

@@ -92,6 +92,65 @@ def test_prior_learns_well_below_uniform(chain: dict) -> None:
     assert train[-1] < train[0]
 
 
+def _shard_samples(split_dir: Path) -> list[dict]:
+    return list(wds.WebDataset([str(split_dir / s["name"]) for s in json.loads((split_dir / "manifest.json")
+                                                                               .read_text())["shards"]],
+                               shardshuffle=False, empty_check=False))
+
+
+def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, tmp_path: Path) -> None:
+    """encode.train_views=8: every training image encoded in its 8 exact rotations/mirrorings, view by view
+    (view 0 byte-identical to a plain encode), validation left at one grid per image; the prior trains on them."""
+    import torch
+
+    from runtime.checkpoint import load_weights
+    from shards.loader import make_eval_loader
+    from vqvae.encode import VIEWS
+    from vqvae.models import build_vqvae
+
+    run_dir = tmp_path / "views"
+    run_dir.mkdir()
+    for stage in ("data", "vqvae"):  # the chain's data and VQ-VAE: only the encode settings differ
+        (run_dir / stage).symlink_to((chain["run_dir"] / stage).resolve(), target_is_directory=True)
+    cfg = tiny_config(run_dir, "prior_train.max_steps=4", "prior_train.eval_every=4", "prior_train.checkpoint_every=4",
+                      "encode.train_views=8")
+    _run("vqvae/encode.py", "--config", str(run_dir / "config.json"))
+    plain, views = chain["run_dir"] / "codes", run_dir / "codes"
+    for split, factor in (("train", 8), ("val", 1), ("test", 1)):
+        before, after = (json.loads((d / split / "manifest.json").read_text()) for d in (plain, views))
+        assert after["num_samples"] == factor * before["num_samples"], split
+        assert after["class_counts"] == {c: factor * n for c, n in before["class_counts"].items()}, split
+    val = [[s["codes.npy"] for s in _shard_samples(d / "val")] for d in (plain, views)]
+    assert val[0] == val[1]
+
+    names = [name for name, _ in VIEWS]
+    stored = _shard_samples(views / "train")
+    originals = _shard_samples(plain / "train")
+    first = json.loads((plain / "train" / "manifest.json").read_text())["shards"][0]["count"]
+    # Shard 0 holds its images as packed (the plain encode's bytes), then all mirrored, ... one view at a time.
+    assert [s["__key__"] for s in stored[:8 * first]] == [
+        f"{s['__key__']}@{name}" if name else s["__key__"] for name in names for s in originals[:first]]
+    assert [s["codes.npy"] for s in stored[:first]] == [s["codes.npy"] for s in originals[:first]]
+    assert all(json.loads(s["json"])["view"] == s["__key__"].split("@")[1] for s in stored if "@" in s["__key__"])
+
+    model = build_vqvae(cfg.vqvae).eval()
+    load_weights(model, chain["run_dir"] / "vqvae" / json.loads((chain["run_dir"] / "vqvae" / "manifest.json")
+                                                                .read_text())["weights"])
+    batch = next(iter(make_eval_loader(chain["run_dir"] / "data" / "train", batch_size=first)))
+    by_key = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False) for s in stored}
+    with torch.no_grad():
+        for name, view in VIEWS:
+            expected = model.encode(view(batch["image"])).numpy()
+            got = np.stack([by_key[f"{k}@{name}" if name else k] for k in batch["key"]])
+            assert (got == expected).mean() > 0.99, name  # (batch composition may move a float tie)
+    rotated = np.stack([by_key[f"{k}@rot90"] for k in batch["key"]])
+    assert (rotated != np.stack([by_key[k] for k in batch["key"]])).mean() > 0.3  # another image, other codes
+
+    _run("prior/train.py", "--config", str(run_dir / "config.json"))
+    assert json.loads((run_dir / "prior" / "manifest.json").read_text())["lineage"]["encode"].startswith(
+        json.loads((views / "manifest.json").read_text())["identity"])
+
+
 def test_samples_cover_every_class_in_a_grid(chain: dict) -> None:
     out = chain["run_dir"] / "samples"
     manifest = json.loads((out / "manifest.json").read_text())

@@ -182,6 +182,7 @@ def test_forgotten_override_keeps_the_old_outputs_and_dry_run_says_what_happens(
 # A vqvae identity fixed before vqvae_train.adversarial.ramp_steps existed (tiny config, no upstream): adding
 # an option must not make outputs of the old behaviour stale, or every upgrade would retrain every stage.
 IDENTITY_BEFORE_RAMP_STEPS = "d18fd603ad70cf20"
+ENCODE_IDENTITY_BEFORE_TRAIN_VIEWS = "f68e0843571f6430"  # the smoke encode stage's, no upstream
 
 
 def test_an_added_setting_at_its_old_behaviour_keeps_the_identity() -> None:
@@ -192,6 +193,8 @@ def test_an_added_setting_at_its_old_behaviour_keeps_the_identity() -> None:
     ramped = build_config("smoke", ["vqvae_train.adversarial.ramp_steps=5"])
     assert identity(ramped, "vqvae", {}) != IDENTITY_BEFORE_RAMP_STEPS  # another value: another output
     assert settings(ramped, "vqvae")["vqvae_train.adversarial"]["ramp_steps"] == 5
+    assert identity(build_config("smoke", []), "encode", {}) == ENCODE_IDENTITY_BEFORE_TRAIN_VIEWS
+    assert identity(build_config("smoke", ["encode.train_views=8"]), "encode", {}) != ENCODE_IDENTITY_BEFORE_TRAIN_VIEWS
     for dotted in ADDED_SETTINGS:  # every listed setting names a real config key
         section, *path = dotted.split(".")
         value = build_config("smoke", []).model_dump(mode="json")[section]

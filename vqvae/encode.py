@@ -5,7 +5,9 @@
 
 Every input shard ``data/SPLIT/shard-K.tar`` becomes ``codes/SPLIT/shard-K.tar`` with, per image,
 the same ``__key__``, ``codes.npy`` (the smallest integer dtype holding the codebook: uint8 up to 256
-codes; read back with ``allow_pickle=False``), ``cls`` and ``json``. Task I of N takes every N-th input
+codes; read back with ``allow_pickle=False``), ``cls`` and ``json``. With ``encode.train_views`` V > 1, a
+train shard holds V grids per image: the first V of :data:`VIEWS`, view by view (all images of the shard as
+packed, then all mirrored, ...), keys ``ID@VIEW`` after the first. Task I of N takes every N-th input
 shard; outputs that are already complete for the same stage identity (this config + these VQ-VAE weights
 + these image shards) are skipped. The task that completes the set writes ``codes/manifest.json``.
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
+from torch import Tensor
 
 from prior.codes import codes_npy
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
@@ -36,6 +40,20 @@ from shards.stream import SampleRefused, ShardStream, collate
 from vqvae.models import build_vqvae
 
 log = get_logger("encode")
+
+
+VIEWS: tuple[tuple[str, Callable[[Tensor], Tensor]], ...] = (
+    ("", lambda x: x),
+    ("mirror", lambda x: x.flip(-1)),
+    ("flip", lambda x: x.flip(-2)),
+    ("rot180", lambda x: x.flip(-2, -1)),
+    ("rot90", lambda x: x.rot90(1, (-2, -1))),
+    ("rot270", lambda x: x.rot90(-1, (-2, -1))),
+    ("transpose", lambda x: x.transpose(-2, -1)),
+    ("antitranspose", lambda x: x.flip(-2, -1).transpose(-2, -1)),
+)
+"""The eight symmetries of a square image (name, function of ...×H×W), exact: no pixel is interpolated. The
+first 2 form a group (identity, mirror), so do the first 4 (the flips) and all 8 (the dihedral group)."""
 
 
 def work_items(data_dir: Path) -> list[tuple[str, str, int]]:
@@ -61,36 +79,41 @@ class _WithMetadata(ImageDecoder):
 
 
 def encode_shard(model: torch.nn.Module, source: Path, manifest: dict[str, Any], output: Path, image_size: int,
-                 codebook_size: int, batch_size: int, device: torch.device) -> tuple[int, dict[str, int]]:
-    """Encode one shard (batched, no augmentation) of the split whose checked manifest is ``manifest``;
-    returns (samples, per-class counts)."""
+                 codebook_size: int, batch_size: int, device: torch.device,
+                 views: int = 1) -> tuple[int, dict[str, int]]:
+    """Encode one shard (batched, no augmentation) of the split whose checked manifest is ``manifest``, each
+    image in the first ``views`` of :data:`VIEWS`; returns (samples written, per-class counts)."""
     class_counts = dict.fromkeys(CLASSES, 0)
     written, dropped = 0, []
     # Bound to the split's manifest: a split packed at another size than the data stage says is refused.
     decode = _WithMetadata(image_size).for_split(source.parent, manifest)
     offsets = next(s["offsets"] for s in manifest["shards"] if s["name"] == source.name)
-    stream = ShardStream(shards=[source], offsets=[offsets], batch_size=batch_size, decode=decode, collate=collate,
-                         shuffle=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
     # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
     with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
             torch.inference_mode(), autocast:
-        for batch in stream:
-            dropped += batch["dropped"]
-            if not batch["key"]:
-                continue
-            codes = model.encode(batch["image"].to(device)).cpu().numpy()
-            for key, label, meta, grid in zip(batch["key"], batch["label"].tolist(), batch["json"], codes,
-                                              strict=True):
-                sink.write({"__key__": key, "codes.npy": codes_npy(grid, codebook_size), "cls": str(label).encode(),
-                            "json": meta})
-                class_counts[CLASSES[label]] += 1
-                written += 1
-    if stream.stats:
-        raise ManifestError(f"{source}: {dict(stream.stats)} bad or damaged sample(s) ({'; '.join(dropped[:3])}"
-                            f"{' ...' if len(dropped) > 3 else ''}); check it with `python -m shards inspect` and "
-                            "repack rather than encode an incomplete split")
+        # View by view, so that consecutive samples (what the training stream keeps together) are other images.
+        for name, view in VIEWS[:views]:
+            stream = ShardStream(shards=[source], offsets=[offsets], batch_size=batch_size, decode=decode,
+                                 collate=collate, shuffle=False)
+            for batch in stream:
+                dropped += batch["dropped"]
+                if not batch["key"]:
+                    continue
+                codes = model.encode(view(batch["image"]).to(device)).cpu().numpy()
+                for key, label, meta, grid in zip(batch["key"], batch["label"].tolist(), batch["json"], codes,
+                                                  strict=True):
+                    if name:
+                        key, meta = f"{key}@{name}", json.dumps({**json.loads(meta), "view": name}).encode()
+                    sink.write({"__key__": key, "codes.npy": codes_npy(grid, codebook_size),
+                                "cls": str(label).encode(), "json": meta})
+                    class_counts[CLASSES[label]] += 1
+                    written += 1
+            if stream.stats:  # raised inside atomic_path: no output is left behind
+                raise ManifestError(f"{source}: {dict(stream.stats)} bad or damaged sample(s) "
+                                    f"({'; '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}); check it with "
+                                    "`python -m shards inspect` and repack rather than encode an incomplete split")
     return written, class_counts
 
 
@@ -144,7 +167,8 @@ def main(args: argparse.Namespace) -> int:
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
         n, class_counts = encode_shard(model, data_dir / split / name, manifests[split], output, image_size,
-                                       cfg.vqvae.codebook_size, cfg.encode.batch_size, device)
+                                       cfg.vqvae.codebook_size, cfg.encode.batch_size, device,
+                                       views=cfg.encode.train_views if split == "train" else 1)
         mark_done(output, run.identity, count=n, class_counts=class_counts, offsets=sample_offsets(output))
         total += n
     seconds = time.perf_counter() - started
