@@ -148,7 +148,7 @@ def test_cluster_chain_matches_local_run(cluster_run, tmp_path: Path) -> None:
     assert not differ and cluster_digests.keys() == local_digests.keys(), f"cluster != local: {differ}"
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster_run, tmp_path: Path) -> None:
     src, result, _ = cluster_run
     assert result.returncode == 0, "the shared cluster run failed (see test_cluster_chain_matches_local_run)"
@@ -200,7 +200,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
 
 
 # ----- 2./3./5. the sbatch scripts -----------------------------------------------------------------
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_sbatch_train_vqvae_by_hand(tiny_run) -> None:
     cfg, config = tiny_run()
     job = _sbatch("slurm/train_vqvae.sh", "--config", str(config), env=stage_env())
@@ -231,7 +231,7 @@ def _resumed_step(text: str) -> int:
     return steps[-1]
 
 
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
     cfg, config = tiny_run("vqvae_train.max_steps=300")
     run_dir = Path(cfg.run_dir)
@@ -257,7 +257,7 @@ def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
 
 
 # ----- 3. pre-emption through submitit (pipeline --cluster) ----------------------------------------
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
     cfg, config = tiny_run("vqvae_train.max_steps=300")
     run_dir = Path(cfg.run_dir)
@@ -298,7 +298,7 @@ def test_emitted_job_script_carries_the_configs_resources_and_signal(tmp_path: P
     assert "#SBATCH --array=0-1%3" in sample.splitlines() and "#SBATCH --nodes=1" in sample.splitlines()
 
 
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_sbatch_path_with_usr1_checkpoints_requeues_and_resumes(tiny_run) -> None:
     cfg, config = tiny_run("vqvae_train.max_steps=300", "cluster.signal=USR1", "cluster.signal_delay_s=30")
     run_dir = Path(cfg.run_dir)
