@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import re
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache, cached_property, partial
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from runtime.config import CLASSES, ConfigError, OptimConfig
 from runtime.log import get_logger
+from runtime.process import die_with_parent
 from runtime.seeding import torch_generator
 from shards.manifest import ManifestError, read_manifest, shard_paths, verify_shards
 from shards.stream import SampleDecoder, SampleRefused, ShardStream, collate, steps_per_epoch
@@ -212,6 +214,15 @@ def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: in
     return {**batch, "image": stacked.float().div_(255.0)}
 
 
+def _leave_stopping_to_the_trainer(_worker_id: int) -> None:
+    """A DataLoader worker ignores the stop signals and dies with its trainer. Slurm's time limit, ``scancel``
+    and ``--signal`` reach every process of a step: a worker killed by one would make the trainer raise
+    "worker exited unexpectedly" instead of saving its checkpoint at the step boundary."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+
+
 def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
     # batch_size=None: each worker yields whole batches; the DataLoader's in-order round robin over
     # workers then returns them in step order (worker w owns the rank's batches w, w+K, ...).
@@ -222,7 +233,8 @@ def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2) -> 
     # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and a resumed
     # run (one loader, created at the resume) would then carry another global RNG state than an unbroken one.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=context,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch_factor if num_workers else None,
+                      worker_init_fn=_leave_stopping_to_the_trainer, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=prefetch_factor if num_workers else None,
                       generator=torch.Generator().manual_seed(stream.seed))
 
 

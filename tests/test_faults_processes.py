@@ -166,6 +166,29 @@ def test_stop_signal_checkpoints_exits_75_and_resume_is_bitwise_identical(refere
     assert _final(run_dir) == reference
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_stop_signal_to_every_process_loader_workers_included_still_checkpoints(reference, tmp_path, tiny_data, sig):
+    """Slurm's time limit, ``scancel`` and ``--signal`` reach every process of the step, the DataLoader's workers
+    too: a worker killed by the signal must not turn the main process's checkpoint-and-exit into a crash."""
+    run_dir = _make_run(tmp_path, tiny_data, "group", "vqvae_train.checkpoint_every=7", "vqvae_train.num_workers=2")
+    proc = _start(_train_argv(run_dir))
+    _wait_for(proc, run_dir, lambda names: _newest_step(names) >= 7)
+    loader_workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(loader_workers) >= 2, "the run has no DataLoader workers to signal"
+    os.killpg(proc.pid, sig)  # the group: the trainer and its loader workers (started in a session of its own)
+    code, err = _finish(proc)
+    assert code == EXIT_REQUEUE and "Traceback" not in err, err[-3000:]
+    step = int(re.search(rf"stop requested \({sig.name}\): checkpoint at step (\d+) saved", err).group(1))
+    assert latest_checkpoint(run_dir / "vqvae" / "checkpoints").name == f"step-{step:08d}"
+    deadline = time.monotonic() + 30
+    while not _gone(loader_workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(loader_workers), "a DataLoader worker outlived its trainer"
+    code, err = _run(_train_argv(run_dir))
+    assert code == 0 and f"(step {step})" in err, err[-3000:]
+    assert _final(run_dir) == reference  # the workers' batches are the unbroken run's
+
+
 # ----- 2-process DDP through accelerate launch ----------------------------------------------------
 def _ddp(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(run_dir / "config.json")], processes=2,
