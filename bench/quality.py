@@ -14,16 +14,16 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
   training), each with its own VQ-VAE trained for the same wall time, its own codes and transformer prior
   (about 30 more minutes on 2 CPU cores).
 
-**Equal VQ-VAE training time**: each VQ-VAE's training step is timed side by side first (1 thread, its own
-batch size), and each run trains for ``--minutes`` worth of its steps; the two trainings then run at the same
-time, each pinned to a core of its own where there are two. Data, judge (classifier), sample counts and
-evaluation settings are ``ham128``'s in every run, so all runs share one packed data set and one judge (both
-made first, with all cores, and linked into every run), and every run draws its samples in the train
-split's class mix (``sample.class_mix=data``, at least ``sample.min_per_class`` of each class). The priors are
-shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
-whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value,
-unit, baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in
-``ROOT/grids/`` (real validation images above their seed and ham128 reconstructions; samples per class).
+**Equal VQ-VAE training time**: the VQ-VAEs' training steps are timed first, in turns (1 thread, each its own batch
+size; load that comes and goes then slows them alike), and each run trains for ``--minutes`` worth of its steps; the
+two trainings then run at the same time, each pinned to a core of its own where there are two. Data, judge
+(classifier), sample counts and evaluation settings are ``ham128``'s in every run, so all runs share one packed data
+set and one judge (both made first, with all cores, and linked into every run), and every run draws its samples in
+the train split's class mix (``sample.class_mix=data``, at least ``sample.min_per_class`` of each class). The priors
+are shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
+whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value, unit,
+baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in ``ROOT/grids/``
+(real validation images above their seed and ham128 reconstructions; samples per class).
 
 **Held out**: every run is also judged (``python -m judge.evaluate --images``) on the original files of the
 packed *test* split, lesions that no run trained on and no setting was chosen by (``ROOT/held-out/`` links to
@@ -35,9 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,9 @@ VARIANTS = {"ema": ("vqvae.quantizer.kind=ema",), "adversarial": ("vqvae_train.a
 """``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time."""
 
 
-def _step_seconds(cfg: RunConfig, critic: bool, repeats: int = 4) -> float:
-    """Seconds per VQ-VAE training step on random images, 1 thread: the training stage's own losses, backward
-    and Adam; ``critic``: with the discriminator's hooks and update too (an adversarial step)."""
+def _training_step(cfg: RunConfig, critic: bool) -> Callable[[], None]:
+    """One VQ-VAE training step on random images: the training stage's own losses, backward and Adam;
+    ``critic``: with the discriminator's hooks and update too (an adversarial step)."""
     from vqvae.train import VQVAETask
 
     torch.manual_seed(0)
@@ -88,9 +90,8 @@ def _step_seconds(cfg: RunConfig, critic: bool, repeats: int = 4) -> float:
     disc = task.build_critic() if critic else None
     optims = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in (model, *([disc.module] if disc else []))]
     batch = {"image": torch.rand(cfg.vqvae_train.batch_size, 3, cfg.data.image_size, cfg.data.image_size)}
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss, extras = task.loss(model, batch)
         losses = [loss if disc is None else task.adversarial_loss(model, disc.module, loss, extras, 0)[0]]
         if disc is not None:
@@ -99,8 +100,20 @@ def _step_seconds(cfg: RunConfig, critic: bool, repeats: int = 4) -> float:
             optim.zero_grad()
             value.backward()
             optim.step()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]  # median, the first (allocation) step left out
+
+    return step
+
+
+def _step_seconds(steps: dict[str, Callable[[], None]], rounds: int = 4) -> dict[str, float]:
+    """Median seconds per call of each step, 1 thread, timed in turns (one step of each per round): load that
+    comes and goes while timing then slows every run alike, and the step counts keep their ratio."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}  # without the allocation step
 
 
 def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
@@ -199,13 +212,20 @@ _METRICS = (  # key, unit, the run it is compared with (None: the seed run)
 )
 
 
-def _rows(results: dict[str, dict[str, float]]) -> list[Row]:
-    rows = []
-    for key, unit, base in _METRICS:
-        for name, values in results.items():
-            baseline = base if base in results and name != "seed" else "seed"
-            rows.append(Row("quality", f"{name}: {key}", values[key], unit, f"{baseline}: {key}"))
-    return rows
+_UNITS = {key: unit for key, unit, _ in _METRICS}
+
+
+def _baseline(key: str, name: str, names: Collection[str]) -> str:
+    """The run that ``name``'s ``key`` is compared with: the one ``_METRICS`` names where it was run, else seed."""
+    base = next((base for metric, _, base in _METRICS if metric == key), None)
+    return base if base in names and name != "seed" else "seed"
+
+
+def _rows(results: dict[str, dict[str, float]], prefix: str = "", keys: Iterable[str] = _UNITS) -> list[Row]:
+    """One row per metric ``key`` and run, with its baseline; ``prefix`` names another judgement (held out)."""
+    return [Row("quality", f"{prefix}{name}: {key}", values[key], _UNITS.get(key, ""),
+                f"{prefix}{_baseline(key, name, results)}: {key}")
+            for key in keys for name, values in results.items()]
 
 
 def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
@@ -309,9 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}
     timed = ("seed", "ham128", *(f"ham128-{v}" for v in args.variants))
-    step = {name: _step_seconds(configs[name], critic=False) for name in timed}
+    steps = {name: _training_step(configs[name], critic=False) for name in timed}
     if "adversarial" in args.variants:
-        step["critic"] = _step_seconds(configs["ham128-adversarial"], critic=True)
+        steps["critic"] = _training_step(configs["ham128-adversarial"], critic=True)
+    step = _step_seconds(steps)
     print("VQ-VAE step seconds (1 thread): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()), flush=True)
     vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name in step else "ham128"],
                                  step["critic"] if name == "ham128-adversarial" else None)
@@ -359,20 +380,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def _held_out_images(root: Path, images: Path) -> Path:
     """ROOT/held-out: a link to the original file of every image of the packed test split."""
+    import webdataset as wds
+
     from shards.ingest import find_images
-    from shards.loader import make_eval_loader
+    from shards.manifest import shard_paths
 
     originals, _ = find_images(images)
     folder = root / "held-out"
     folder.mkdir(exist_ok=True)
-    for batch in make_eval_loader(root / "ham128" / "data" / "test", batch_size=256):
-        for key in batch["key"]:
-            if key not in originals:
-                sys.exit(f"error: test-split image {key} is not in {images} (give the --images the runs were "
-                         "packed from)")
-            link = folder / originals[key].name
-            if not link.is_symlink():
-                link.symlink_to(originals[key].resolve())
+    # Only the keys: no decoder, so nothing of a sample but its name is read into Python.
+    split = [str(path) for path in shard_paths(root / "ham128" / "data" / "test")]
+    for sample in wds.WebDataset(split, shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        if key not in originals:
+            sys.exit(f"error: test-split image {key} is not in {images} (give the --images the runs were "
+                     "packed from)")
+        link = folder / originals[key].name
+        if not link.is_symlink():
+            link.symlink_to(originals[key].resolve())
     return folder
 
 
@@ -397,13 +422,6 @@ _HELD_OUT = ("recon_psnr", "fd_reconstructions", "fd_samples", "fd_samples_floor
 """Rows of the held-out judgement: what does not depend on the validation split only."""
 
 
-def _held_out_rows(held: dict[str, dict[str, float]]) -> list[Row]:
-    base = {"fd_samples": "ham128-gated"}
-    return [Row("quality", f"held out: {name}: {key}", values[key], "",
-                f"held out: {base.get(key, 'seed') if name != 'seed' else 'seed'}: {key}")
-            for key in _HELD_OUT for name, values in held.items()]
-
-
 def _held_out_verdict(held: dict[str, dict[str, float]]) -> str:
     seed, best, gated = held["seed"], held["ham128"], held["ham128-gated"]
     return (f"held out ({best['images_judged']:.0f} test-split images): ham128 "
@@ -425,7 +443,7 @@ def _report(root: Path, names: list[str], reevaluate: bool, images: Path, csv: P
     results = {name: _measure(root, name) for name in names}
     held = _judge_held_out(root, names, images, csv)
     _grids(root, [name for name in names if name.removeprefix("ham128-") in VARIANTS])
-    md, js = write_results([*_rows(results), *_held_out_rows(held)], root, quick=False)
+    md, js = write_results([*_rows(results), *_rows(held, "held out: ", _HELD_OUT)], root, quick=False)
     print(md.read_text())
     print("\n".join([*_verdicts(results), _held_out_verdict(held)]))
     print(f"written: {md}, {js} and {root / 'grids'}/*.png")

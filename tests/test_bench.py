@@ -100,11 +100,26 @@ def test_quality_verdicts_follow_the_issue_targets() -> None:
     assert "MET" in _verdicts(halved)[0] and "MISSED" not in _verdicts(halved)[0]
 
 
+def test_quality_rows_compare_sample_fd_with_the_gated_run_and_the_rest_with_seed() -> None:
+    """Validation and held-out rows take their baselines from one table (``_METRICS``)."""
+    from bench.quality import _rows
+
+    values = {"recon_psnr": 1.0, "fd_samples": 2.0}
+    runs = {"seed": values, "ham128": values, "ham128-gated": values}
+    for prefix in ("", "held out: "):
+        base = {r.name: r.baseline for r in _rows(runs, prefix, ("recon_psnr", "fd_samples"))}
+        assert base[f"{prefix}ham128: fd_samples"] == f"{prefix}ham128-gated: fd_samples"
+        assert base[f"{prefix}ham128: recon_psnr"] == f"{prefix}seed: recon_psnr"
+        assert base[f"{prefix}seed: fd_samples"] == f"{prefix}seed: fd_samples"
+    without_gated = {r.name: r.baseline for r in _rows({"seed": values, "ham128": values}, "", ("fd_samples",))}
+    assert without_gated["ham128: fd_samples"] == "seed: fd_samples"
+
+
 def test_quality_variants_are_valid_runs_at_equal_time() -> None:
     """``--variants``: each variant run is a valid ham128 config, and its VQ-VAE steps fill the same time."""
     from argparse import Namespace
 
-    from bench.quality import _run_configs, _step_seconds, _vqvae_overrides
+    from bench.quality import _run_configs, _step_seconds, _training_step, _vqvae_overrides
     from runtime.config import build_config
 
     args = Namespace(images=Path("/data/images"), csv=Path("/data/meta.csv"), prior_steps=100, classifier_steps=100,
@@ -124,7 +139,9 @@ def test_quality_variants_are_valid_runs_at_equal_time() -> None:
     # The timing runs the training stage's own adversarial hooks (one small step each way).
     small = build_config(preset, [*over, "vqvae_train.batch_size=2", "data.image_size=64",
                                   "vqvae_train.adversarial.disc_layers=2"])
-    assert _step_seconds(small, critic=True, repeats=1) > 0 and _step_seconds(small, critic=False, repeats=1) > 0
+    seconds = _step_seconds({"plain": _training_step(small, critic=False),
+                             "critic": _training_step(small, critic=True)}, rounds=1)
+    assert set(seconds) == {"plain", "critic"} and all(value > 0 for value in seconds.values())
 
 
 def test_quality_measure_only_names_the_missing_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
