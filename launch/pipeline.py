@@ -4,6 +4,7 @@
     python launch/pipeline.py --processes 2        # training stages under accelerate, 2 processes
     python launch/pipeline.py --cluster [--wait]   # every stage a Slurm job (submitit), chained afterok
     python launch/pipeline.py --dry-run            # print exactly what a run would do
+    python launch/pipeline.py --until vqvae        # make what the VQ-VAE needs and it, nothing after it
     python launch/pipeline.py --emit-sbatch vqvae  # the Slurm job script of one stage (pipe it to sbatch)
     python launch/pipeline.py --preset seed data.source=isic data.isic_images=... data.isic_csv=...
 
@@ -36,7 +37,7 @@ from runtime.lineage import claim_run_dir
 from runtime.log import get_logger
 from runtime.process import exclusive_lock, preexec_die_with_parent
 from runtime.signals import EXIT_INTERRUPTED, EXIT_REQUEUE
-from runtime.stages import STAGE_NAMES, RunLayout, Stage, downstream
+from runtime.stages import STAGE_NAMES, RunLayout, Stage, downstream, upstream
 
 log = get_logger("pipeline")
 
@@ -56,11 +57,17 @@ class StageStopped(Exception):
 def selected_stages(args: argparse.Namespace) -> tuple[list[str], set[str]]:
     """(stages to consider, stages forced to be re-made)."""
     if args.only:
+        if args.until:
+            raise PipelineError("--until cannot be combined with --only (which makes one stage); use one of them")
         return [args.only], {args.only}
-    if args.from_stage:
-        chosen = downstream({args.from_stage})
-        return chosen, set(chosen)
-    return list(STAGE_NAMES), set()
+    chosen = downstream({args.from_stage}) if args.from_stage else list(STAGE_NAMES)
+    forced = set(chosen) if args.from_stage else set()
+    if args.until:
+        needed = upstream(args.until)
+        chosen = [name for name in chosen if name in needed]
+        if not chosen:
+            raise PipelineError(f"--until {args.until} stops before --from {args.from_stage}: nothing to do")
+    return chosen, forced & set(chosen)
 
 
 def stage_command(cfg: RunConfig, spec: Stage, config_path: Path, *, processes: int = 1,
@@ -175,6 +182,8 @@ def main(args: argparse.Namespace) -> int:
         except StageStopped as stop:
             print(f"pipeline: {stop}", file=sys.stderr)
             return stop.status
+    if "report" not in stages:  # --until or --only: no report to point at
+        return 0
     print(f"\nreport:          {layout.stage_dir('report') / 'report.html'}\n"
           f"reconstructions: {layout.stage_dir('vqvae')}/recon-step-*.png\n"
           f"samples:         {layout.stage_dir('sample') / 'samples.png'}")
@@ -194,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="from_stage", choices=STAGE_NAMES,
                        help="re-make this stage and all after it (current outputs kept in RUN_DIR/.history)")
     group.add_argument("--only", choices=STAGE_NAMES, help="re-make just this stage (its inputs must exist)")
+    p.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE",
+                   help="stop after this stage: make (or reuse) what it needs and it, nothing after it")
     return p
 
 

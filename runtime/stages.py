@@ -92,6 +92,15 @@ def downstream(names: set[str]) -> list[str]:
     return out
 
 
+def upstream(name: str) -> list[str]:
+    """``name`` and every stage it (transitively) reads, in pipeline order."""
+    needed = {name}
+    for s in reversed(STAGES):  # STAGES is in pipeline order: a stage comes after everything it reads
+        if s.name in needed:
+            needed.update(s.upstream)
+    return [s.name for s in STAGES if s.name in needed]
+
+
 # ----- paths -----------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")

@@ -178,6 +178,28 @@ def test_forgotten_override_keeps_the_old_outputs_and_dry_run_says_what_happens(
     assert (trained / "vqvae" / "final" / "model.safetensors").read_bytes() == weights
 
 
+def test_until_stops_after_a_stage_and_combines_with_from(trained: Path) -> None:
+    """``--until STAGE``: what STAGE needs and STAGE, up-to-date stages skipped, nothing after it is made."""
+    config = str(trained / "config.json")
+    settings, samples = (trained / "config.json").read_bytes(), (trained / "samples" / "manifest.json").read_bytes()
+    until = _cli(*PIPELINE, "--config", config, "--until", "prior", "sample.per_class=3")
+    (trained / "config.json").write_bytes(settings)  # the module's run keeps its settings for the other tests
+    assert until.returncode == 0, until.stderr[-3000:]
+    assert _actions(until.stderr, dry=False) == [(s, "skip") for s in ("data", "vqvae", "encode", "prior")]
+    assert (trained / "samples" / "manifest.json").read_bytes() == samples  # a changed sample setting: not run
+    assert "report:" not in until.stdout
+    # A changed VQ-VAE setting: re-made up to the codes, the prior left as it is.
+    lr = json.loads((trained / "config.json").read_text())["vqvae_train"]["lr"]
+    dry = _cli(*PIPELINE, "--config", config, f"vqvae_train.lr={lr * 3}", "--until", "encode", "--dry-run")
+    assert _actions(dry.stdout, dry=True) == [("data", "skip"), ("vqvae", "run"), ("encode", "run")], dry.stdout
+    dry = _cli(*PIPELINE, "--config", config, "--from", "encode", "--until", "prior", "--dry-run")
+    assert _actions(dry.stdout, dry=True) == [("encode", "run"), ("prior", "run")], dry.stdout
+    _refused(_cli(*PIPELINE, "--config", config, "--from", "sample", "--until", "prior", "--dry-run"),
+             "--until prior stops before --from sample")
+    _refused(_cli(*PIPELINE, "--config", config, "--only", "vqvae", "--until", "prior", "--dry-run"),
+             "--until cannot be combined with --only")
+
+
 # ----- 8. one lineage -----------------------------------------------------------------------------------
 # A vqvae identity fixed before vqvae_train.adversarial.ramp_steps existed (tiny config, no upstream): adding
 # an option must not make outputs of the old behaviour stale, or every upgrade would retrain every stage.
