@@ -235,7 +235,7 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
     recon_ok = psnr_gain >= 2 or (fd_ratio <= 0.5 and psnr_gain >= 0)
     sample_ratio = best["fd_samples"] / gated["fd_samples"]
     agreement = best["sample_class_agreement"] * len(CLASSES)
-    return [f"reconstruction: +{psnr_gain:.2f} dB PSNR, recon FD x{fd_ratio:.2f} vs seed "
+    return [f"reconstruction: {psnr_gain:+.2f} dB PSNR, recon FD x{fd_ratio:.2f} vs seed "
             f"(target >= +2 dB, or <= 0.5x with PSNR no worse): {'MET' if recon_ok else 'MISSED'}",
             f"samples: FD x{sample_ratio:.2f} vs the gated PixelCNN (target <= 0.5x): "
             f"{'MET' if sample_ratio <= 0.5 else 'MISSED'}; a perfect prior would score "

@@ -98,6 +98,9 @@ def test_quality_verdicts_follow_the_issue_targets() -> None:
     assert ["MISSED" in line for line in _verdicts(worse)] == [True, True, True]
     halved = worse | {"ham128": worse["ham128"] | {"fd_reconstructions": 0.1}}
     assert "MET" in _verdicts(halved)[0] and "MISSED" not in _verdicts(halved)[0]
+    assert _verdicts(worse)[0].startswith("reconstruction: +1.00 dB PSNR")
+    lower = worse | {"ham128": worse["ham128"] | {"recon_psnr": 24.5}}
+    assert _verdicts(lower)[0].startswith("reconstruction: -0.50 dB PSNR")  # one sign, not "+-0.50"
 
 
 def test_quality_rows_compare_sample_fd_with_the_gated_run_and_the_rest_with_seed() -> None:
