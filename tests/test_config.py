@@ -39,6 +39,7 @@ def test_ham128_preset_is_real_data_at_128_px(tmp_path: Path) -> None:
     assert (cfg.data.source, cfg.data.image_size, str(cfg.data.isic_images)) == ("isic", 128, "/data/images")
     assert cfg.data.image_size // cfg.downsample_factor == 16  # the 16x16 code grid of the 256-px presets
     assert cfg.prior.arch == "transformer" and cfg.prior.conditional
+    assert cfg.encode.train_views == 8  # the prior sees every exact rotation/mirroring of each training lesion
     with pytest.raises(ConfigError, match=r"data\.source=isic needs data\.isic_images"):
         build_config("ham128")
     for given, named in ((["data.isic_images=/nope"], "data.isic_images=/nope is not an existing folder"),
