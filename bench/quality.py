@@ -213,11 +213,12 @@ _METRICS = (  # key, unit, the run it is compared with (None: the seed run)
 
 
 _UNITS = {key: unit for key, unit, _ in _METRICS}
+_BASELINES = {key: base for key, _, base in _METRICS if base}
 
 
 def _baseline(key: str, name: str, names: Collection[str]) -> str:
     """The run that ``name``'s ``key`` is compared with: the one ``_METRICS`` names where it was run, else seed."""
-    base = next((base for metric, _, base in _METRICS if metric == key), None)
+    base = _BASELINES.get(key)
     return base if base in names and name != "seed" else "seed"
 
 
