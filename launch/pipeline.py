@@ -156,6 +156,11 @@ def run_local(cfg: RunConfig, steps: list[Step], processes: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.help_config:
+        from runtime import config_reference
+
+        print(config_reference.markdown() if args.markdown else config_reference.text())
+        return 0
     cfg = config_from_args(args)
     if args.processes < 1:
         raise PipelineError("--processes must be >= 1")
@@ -205,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--only", choices=STAGE_NAMES, help="re-make just this stage (its inputs must exist)")
     p.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE",
                    help="stop after this stage: make (or reuse) what it needs and it, nothing after it")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config key with its type, default, allowed values and each preset's value")
+    p.add_argument("--markdown", action="store_true", help="with --help-config: as Markdown (docs/config.md)")
     return p
 
 

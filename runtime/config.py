@@ -706,7 +706,8 @@ def _format_errors(err: ValidationError, what: str) -> str:
     return f"{what}: " + "; ".join(problems)
 
 
-def _preset_tree(preset: str) -> dict[str, Any]:
+def preset_tree(preset: str) -> dict[str, Any]:
+    """The complete, unvalidated config tree of ``preset`` (paths the user must give are still missing)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     return _merge(RunConfig().model_dump(mode="json"), PRESETS[preset]())
@@ -739,7 +740,7 @@ def build_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] =
 
     Relative paths (``run_dir``, ``data.isic_images``, ``data.isic_csv``) are made absolute against the
     current working directory."""
-    return _validated(_preset_tree(preset) if base is None else base, overrides, "invalid configuration")
+    return _validated(preset_tree(preset) if base is None else base, overrides, "invalid configuration")
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -771,7 +772,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunC
         # its own outputs anyway; re-making the config says so plainly.
         raise ConfigError(f"config file {path} uses the old vqvae quantizer keys (before quantizer kinds); re-make "
                           f"it, e.g. python launch/pipeline.py --preset {preset} run_dir=RUN_DIR {' '.join(renamed)}")
-    base = _merge(_preset_tree(preset), saved)
+    base = _merge(preset_tree(preset), saved)
     marker = read_marker(path.parent) if path.name == "config.json" else None
     if marker is not None and marker.get("kind") == "run":
         base["run_dir"] = str(path.parent.resolve())

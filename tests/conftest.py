@@ -7,12 +7,20 @@
   synthetic data set (real tar shards) with ``shards.pack.pack_synthetic``.
 * ``synth_shards``: one such data set per session (100 images at 32 px, 13 per shard so shard
   sizes are uneven), for tests that only read shards.
+
+Tiers: tests marked ``slow`` (they start processes, train past a few steps, or use DDP) or ``slurm`` run in
+the full suite only; the rest are the fast tier (``scripts/test.sh --fast``). A fast-tier test that starts
+a Python process, accelerate, Slurm or a multiprocessing worker fails, naming the marker it needs, so the
+fast tier stays in-process however the suite grows.
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,38 @@ def shared_data() -> Path:
     if os.environ.get("LESION_VQ_REQUIRE_SHARED") == "1":
         pytest.fail(f"{reason}; LESION_VQ_REQUIRE_SHARED=1 requires it")
     pytest.skip(reason)
+
+
+_PROCESS_LAUNCHERS = {"accelerate", "torchrun", "sbatch", "srun", "salloc", "bash", "sh"}
+"""Programs a fast-tier test may not start (besides Python itself): each runs the project's code in
+another process, which is what the slow tier is for."""
+
+
+def _starts_project_code(args: object) -> bool:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)  # type: ignore[call-overload]
+    program = os.path.basename(os.fsdecode(argv[0])) if argv else ""
+    return program.startswith("python") or os.fsdecode(argv[0]) == sys.executable or program in _PROCESS_LAUNCHERS
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("slurm"):
+        yield
+        return
+    message = f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow (or slurm)"
+    popen_init = subprocess.Popen.__init__
+
+    def popen(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
+        if _starts_project_code(args):
+            raise AssertionError(message)
+        popen_init(self, args, *rest, **kw)  # type: ignore[arg-type]
+
+    def start(self: multiprocessing.process.BaseProcess) -> None:
+        raise AssertionError(message)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    yield
 
 
 def _pack_synth(out_dir: Path, **overrides: Any) -> Path:
