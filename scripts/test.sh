@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Install lesion-vq with its test extras into ./.venv, bring up the local single-node Slurm
-# (root only: apt-get + daemons, see slurm/local-cluster.sh) and run the whole test suite.
-# Extra arguments go to pytest, e.g. `scripts/test.sh -k loader`.
+# Install lesion-vq with its test extras into ./.venv and run ruff and the tests.
+#
+#   scripts/test.sh           the whole suite: also brings up the local two-node Slurm (root only:
+#                             apt-get + daemons, see slurm/local-cluster.sh) for the Slurm tests
+#   scripts/test.sh --fast    the fast tier: in-process tests only (not slow, not slurm), no Slurm
+#
+# Further arguments go to pytest, e.g. `scripts/test.sh --fast -k loader`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+if [ "${1:-}" = "--fast" ]; then
+    fast=1
+    shift
+fi
 source scripts/_venv.sh
 install_project '.[dev]'
+.venv/bin/ruff check .
+if [ "$fast" = 1 ]; then
+    exec .venv/bin/python -m pytest -m "not slow and not slurm" "$@"
+fi
 if [ "$(id -u)" = 0 ]; then
     slurm/local-cluster.sh up --nodes 2
 else
     echo "not root: Slurm tests will be skipped (set LESION_VQ_REQUIRE_SLURM=1 to make that an error)" >&2
 fi
-.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"
