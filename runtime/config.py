@@ -234,11 +234,21 @@ class OptimConfig(_Strict):
     prefetch_factor: int = Field(2, ge=1, description="batches each loader worker prepares ahead")
     decode_on: Literal["auto", "workers", "device"] = Field("auto", description=(
         "where training images are decoded and augmented: workers (CPU loader processes), device (the "
-        "training process, batched: nvJPEG on a GPU), auto = device on a GPU, else workers"))
+        "training process, batched: nvJPEG on a GPU), auto = workers everywhere until `python -m bench gpu` "
+        "has passed on a real GPU and its numbers are in docs/results.md (docs/gpu.md: the device path has "
+        "never run on a GPU)"))
+    gpu_path: Literal["auto", "always"] = Field("auto", description=(
+        "the GPU path's speed-ups: fused Adam, channels-last model and batches, pinned loader memory; auto = on "
+        "CUDA only, always = on any device, so a CPU runs the same branches (tests, `python -m bench gpu` "
+        "without a GPU); slower on a CPU, and not bitwise equal to auto there"))
     shuffle_buffer: int = Field(256, ge=1, description="window of the epoch order shuffled together")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: Seed = 0
     augment: bool = True
+
+    def gpu_path_on(self, device_type: str) -> bool:
+        """Whether a run on ``device_type`` ("cuda", "cpu") takes the GPU path's branches (see ``gpu_path``)."""
+        return self.gpu_path == "always" or device_type == "cuda"
 
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]

@@ -56,6 +56,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     # setting is left out of the identity, so upgrading lesion-vq never makes a finished stage stale.
     "vqvae_train.adversarial.ramp_steps": 0,
     "encode.train_views": 1,
+    "vqvae_train.gpu_path": "auto", "prior_train.gpu_path": "auto", "classifier_train.gpu_path": "auto",
 }
 
 

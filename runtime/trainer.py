@@ -148,12 +148,11 @@ def learning_rate(optim: OptimConfig, step: int) -> float:
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], device: torch.device, *, lr: float,
-                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
-    """Adam for every trained network: fused on CUDA (one kernel for all parameters), torch's default
-    implementation elsewhere, so CPU runs keep their bitwise results."""
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **fused)
+def make_optimizer(params: Iterable[torch.nn.Parameter], *, fused: bool, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam for every trained network: ``fused`` (one kernel for all parameters) on the GPU path
+    (``OptimConfig.gpu_path_on``), torch's default implementation elsewhere, so CPU runs keep their bitwise results."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def make_accelerator(optim: OptimConfig, timeout_s: int) -> Accelerator:
@@ -231,14 +230,15 @@ def _train(task: TrainTask, plan: TrainPlan) -> int:
     seed_everything(optim.seed)  # same initial weights on every rank, and across reruns
     # On its device before its optimizer exists: fused Adam (CUDA) wants its parameters there.
     model = task.build_model().to(accelerator.device)
-    if accelerator.device.type == "cuda":  # tensor-core convolutions want NHWC; batches arrive so (TrainData)
+    gpu_path = optim.gpu_path_on(accelerator.device.type)
+    if gpu_path:  # tensor-core convolutions want NHWC; batches arrive so (TrainData)
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.parameters(), accelerator.device, lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(model.parameters(), fused=gpu_path, lr=optim.lr, weight_decay=optim.weight_decay)
     # Built after the model, so the model's initial weights are the same with or without a critic.
     critic = build_critic() if (build_critic := getattr(task, "build_critic", None)) else None
     critic_net, critic_opt = None, None
     if critic is not None:
-        critic_opt = make_optimizer(critic.module.to(accelerator.device).parameters(), accelerator.device,
+        critic_opt = make_optimizer(critic.module.to(accelerator.device).parameters(), fused=gpu_path,
                                     lr=critic.lr, betas=critic.betas)
     ckpt_dir = plan.out_dir / "checkpoints"
 

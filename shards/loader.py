@@ -223,17 +223,20 @@ def _leave_stopping_to_the_trainer(_worker_id: int) -> None:
     die_with_parent(signal.SIGKILL)
 
 
-def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
+def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2,
+            pin_memory: bool | None = None) -> DataLoader:
     # batch_size=None: each worker yields whole batches; the DataLoader's in-order round robin over
     # workers then returns them in step order (worker w owns the rank's batches w, w+K, ...).
     # Fork where available, even inside spawned DDP processes: a spawned worker spends seconds
     # re-importing torch; workers never touch CUDA. A training stream runs epoch after epoch, so its
-    # workers live as long as the run. Pinned memory lets the host-to-GPU copy run asynchronously.
+    # workers live as long as the run. Pinned memory lets the host-to-GPU copy run asynchronously
+    # (pin_memory None: where CUDA is; without an accelerator torch warns and leaves memory unpinned).
     context = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
     # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and a resumed
     # run (one loader, created at the resume) would then carry another global RNG state than an unbroken one.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=context,
-                      worker_init_fn=_leave_stopping_to_the_trainer, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_leave_stopping_to_the_trainer,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       prefetch_factor=prefetch_factor if num_workers else None,
                       generator=torch.Generator().manual_seed(stream.seed))
 
@@ -251,18 +254,20 @@ def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size
                       position: int = 0, epochs: int | None = 1, num_workers: int = 0, prefetch_factor: int = 2,
                       augment: bool = True, image_size: int | None = None, shuffle_buffer: int = 256,
                       decode: SampleDecoder | None = None,
-                      collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> DataLoader:
+                      collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+                      pin_memory: bool | None = None) -> DataLoader:
     """This rank's batches from ``position`` (samples of ``epoch`` already consumed by all ranks) on, for
     ``epochs`` epochs (None: until the consumer stops).
 
     Every rank gets the same number of batches, whatever the world size the position was reached with.
     ``image_size`` (default: the split's) must be the size the split was packed at. ``decode``/``collate_fn``
     replace the image decoding for other sample kinds (e.g. code shards); the distribution is the same.
+    ``pin_memory`` (default: where CUDA is) pins the batches for asynchronous copies to a GPU.
     """
     stream = _stream(split_dir, decode or ImageDecoder(image_size or 0, augment, seed), batch_size, collate_fn,
                      rank=rank, world_size=world_size, epoch=epoch, position=position, epochs=epochs, seed=seed,
                      shuffle=True, shuffle_buffer=shuffle_buffer)
-    return _loader(stream, num_workers, prefetch_factor)
+    return _loader(stream, num_workers, prefetch_factor, pin_memory)
 
 
 def make_eval_loader(split_dir: Path, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -297,7 +302,7 @@ class ShardTrainData:
         return make_train_loader(self.train_split, batch_size=o.batch_size, rank=rank, world_size=world_size,
                                  epoch=epoch, seed=o.seed, position=position, epochs=None,
                                  num_workers=o.num_workers, prefetch_factor=o.prefetch_factor, augment=o.augment,
-                                 shuffle_buffer=o.shuffle_buffer,
+                                 shuffle_buffer=o.shuffle_buffer, pin_memory=o.gpu_path_on(self._device_type),
                                  decode=self.decode or ImageDecoder(augment=o.augment, seed=o.seed,
                                                                     defer=self._deferred))
 
@@ -307,14 +312,21 @@ class ShardTrainData:
 
     @property
     def _deferred(self) -> bool:
-        return self.optim.decode_on == "device" or (self.optim.decode_on == "auto" and torch.cuda.is_available())
+        # auto = workers until `python -m bench gpu` has passed on a real GPU (docs/gpu.md): the device path
+        # has never run on one.
+        return self.optim.decode_on == "device"
+
+    @property
+    def _device_type(self) -> str:
+        """Where the trainer will run (accelerate's choice for one process: CUDA where there is one)."""
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """A batch of :meth:`loader` on the training device: pinned tensors copied asynchronously, images
-        channels-last on a GPU (faster convolutions), deferred images decoded there."""
+        channels-last on the GPU path (faster convolutions on a GPU), deferred images decoded there."""
         if "augment" in batch:
             batch = decode_on_device(batch, device, self._image_size)
-        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        layout = torch.channels_last if self.optim.gpu_path_on(device.type) else torch.preserve_format
         return {k: v.to(device, non_blocking=True, memory_format=layout if v.dim() == 4 else torch.preserve_format)
                 if torch.is_tensor(v) else v for k, v in batch.items()}
 
