@@ -11,7 +11,6 @@ stored-resized vs original-size JPEGs (why shards store resized images).
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torchvision import datasets, transforms
 from bench.common import Row
 from runtime.config import CLASSES, DataConfig
 from runtime.files import atomic_write_json
-from shards.images import array_to_jpeg
+from shards.images import array_to_jpeg, open_image
 from shards.loader import ImageDecoder, make_train_loader
 from shards.pack import pack_synthetic
 from shards.synth import generate
@@ -49,10 +48,14 @@ def _decode_only(jpegs: list[bytes], size: int) -> float:
     return _rate(len(jpegs), time.perf_counter() - start)
 
 
+def _rgb_file(path: str) -> Image.Image:
+    return open_image(Path(path).read_bytes(), path).convert("RGB")
+
+
 def _pil_decode(jpegs: list[bytes]) -> float:
     start = time.perf_counter()
     for data in jpegs:
-        Image.open(io.BytesIO(data)).convert("RGB").load()
+        open_image(data, "bench").convert("RGB").load()
     return _rate(len(jpegs), time.perf_counter() - start)
 
 
@@ -69,7 +72,8 @@ def _image_folder(folder: Path, size: int, workers: int, batch: int) -> float:
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomRotation(30),
                              transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
                              transforms.ToTensor()])
-    dataset = datasets.ImageFolder(str(folder), transform=tf, allow_empty=True)  # tiny runs miss classes
+    # tiny runs miss classes; images opened as every lesion-vq site opens them (JPEG/PNG only)
+    dataset = datasets.ImageFolder(str(folder), transform=tf, loader=_rgb_file, allow_empty=True)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
     start = time.perf_counter()
     count = sum(len(labels) for _, labels in loader)

@@ -257,15 +257,14 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
 def _grids(root: Path, variants: list[str], count: int = 8) -> None:
     """ROOT/grids/reconstructions.png (real validation images, then the seed, ham128 and ``variants`` runs'
     reconstructions) and samples-NAME.png (one row per class) for the conditional runs."""
-    import io
 
     import numpy as np
     import webdataset as wds
-    from PIL import Image
 
     from runtime.checkpoint import load_weights
     from runtime.config import load_config
     from runtime.images import save_grid
+    from shards.images import decode_rgb
     from shards.loader import make_eval_loader
     from vqvae.models import build_vqvae
 
@@ -287,7 +286,7 @@ def _grids(root: Path, variants: list[str], count: int = 8) -> None:
         by_class: dict[int, list[torch.Tensor]] = {c: [] for c in range(len(CLASSES))}
         shards = [str(root / name / "samples" / s["name"]) for s in manifest["shards"]]
         for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-            pixels = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+            pixels = np.array(decode_rgb(sample["png"], f"{sample['__url__']}: {sample['__key__']}"))
             by_class[int(sample["cls"])].append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
         images = [img for c in range(len(CLASSES)) for img in by_class[c][:count]]
         save_grid(torch.stack(images), out / f"samples-{name}.png", nrow=count, row_labels=CLASSES)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from runtime.config import CLASSES
+from shards.images import open_image
 from vqvae.blocks import seed_decoder, seed_encoder
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -51,7 +51,7 @@ class LesionFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path = self.paths[index]
-        return self.transform(Image.open(path).convert("RGB")), CLASSES.index(path.parent.name)
+        return self.transform(open_image(path.read_bytes(), str(path)).convert("RGB")), CLASSES.index(path.parent.name)
 
 
 class VectorQuantizer(nn.Module):

@@ -22,7 +22,6 @@ RUN_DIR/judged/NAME-ID.json (ID: the images' content and the run's lineage), and
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import time
@@ -34,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from judge.classifier import (
     LesionClassifier,
@@ -54,7 +52,7 @@ from runtime.log import get_logger
 from runtime.ownership import MARKER, OwnershipError, foreign_entries, read_marker, write_marker
 from runtime.stages import RunLayout
 from shards.fingerprint import input_fingerprint
-from shards.images import ImageRejected, read_image_file
+from shards.images import ImageRejected, decode_rgb, read_image_file
 from shards.ingest import find_images, ingest, summarise
 from shards.loader import make_eval_loader
 from vqvae.metrics import ReconstructionMeter
@@ -66,9 +64,9 @@ IMAGES_FORMAT = "lesion-vq/image-evaluation/v1"
 """Format of the JSON ``--images`` writes (and the only existing file ``--out`` may replace)."""
 
 
-def _pixels(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> 3×H×W float in [0, 1] (what the shard loader gives the models)."""
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1).float() / 255
+def _pixels(data: bytes, where: str) -> torch.Tensor:
+    """Encoded image bytes (JPEG or PNG only) -> 3×H×W float in [0, 1] (what the shard loader gives the models)."""
+    return torch.from_numpy(np.array(decode_rgb(data, where))).permute(2, 0, 1).float() / 255
 
 
 def _models(cfg: RunConfig, manifests: dict[str, dict[str, Any]]) -> tuple[LesionClassifier, VQVAE]:
@@ -87,7 +85,7 @@ def _samples(cfg: RunConfig, manifest: dict[str, Any], classifier: LesionClassif
     shards = [str(layout.stage_dir("sample") / s["name"]) for s in manifest["shards"]]
     images, labels = [], []
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-        images.append(_pixels(sample["png"]))
+        images.append(_pixels(sample["png"], f"{sample['__url__']}: {sample['__key__']}"))
         labels.append(int(sample["cls"]))
     chunks = torch.stack(images).split(cfg.evaluate.batch_size)
     return (torch.cat([classifier.features(c) for c in chunks]),
@@ -212,7 +210,7 @@ def _read(items: list[tuple[str, Path, int | None]], cfg: DataConfig, batch_size
             skipped.append({"id": image_id, "path": str(path), "kind": "unreadable", "reason": str(err)})
             log.warning("skipped %s: %s", image_id, err)
             continue
-        images.append(_pixels(jpeg))
+        images.append(_pixels(jpeg, str(path)))
         labels.append(label)
         if len(images) == batch_size:
             yield torch.stack(images), labels

@@ -34,6 +34,7 @@ from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout, shard_name
+from shards.images import decode_rgb
 from vqvae.models import build_vqvae
 
 log = get_logger("sample")
@@ -111,7 +112,7 @@ def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
         return False
     by_index: dict[int, torch.Tensor] = {}
     for sample in wds.WebDataset([str(o) for o in outputs], shardshuffle=False, empty_check=False):
-        array = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))  # a writable copy for torch
+        array = np.array(decode_rgb(sample["png"], f"{sample['__url__']}: {sample['__key__']}"))  # writable copy
         by_index[int(sample["__key__"].split("_")[1])] = torch.from_numpy(array).permute(2, 0, 1).float() / 255
     classes = sample_classes(cfg, run)
     counts = [classes.count(c) for c in range(len(CLASSES))]

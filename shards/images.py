@@ -4,6 +4,12 @@ Stored images are resized to ``image_size`` square (like the report's ``Resize((
 JPEG-encoded once at pack time: decoding a 256x256 JPEG is several times cheaper than decoding
 the 600x450 original and resizing it every epoch (see ``bench/data_loading.py``), and training
 never needs the originals.
+
+Every site that decodes an image (packing, ``--images`` judging, the training loader, previews, the judge's
+reads of samples) opens it through :func:`open_image`: only the formats it accepts (JPEG, PNG) are even
+identified, so a file of any other format is refused by its first bytes and never reaches another PIL
+plugin (EPS would start Ghostscript); animated or multi-frame files (APNG, MPO) are refused rather than
+silently reduced to their first frame; nothing is decoded after a check failed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+ACCEPTED_FORMATS = ("JPEG", "PNG")
+"""The only image formats lesion-vq decodes (PIL format names); IMAGE_SUFFIXES are their file names."""
 
 MAX_PIXELS = 120_000_000
 """Decompression-bomb guard: larger images are refused before their pixels are decoded (ISIC 2019's
@@ -44,23 +52,63 @@ def key_problem(image_id: str) -> str | None:
     return None
 
 
-def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str, str]:
-    """Fully decode image bytes to 8-bit RGB; returns (image, source format such as "JPEG" or "PNG", source
-    pixel format such as "RGB" or "I;16"). Raises ImageRejected naming ``where`` and the reason."""
+_SIGNATURES = ((b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"RIFF", "RIFF (WebP?)"),
+               (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"%PDF", "PDF"),
+               (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"))
+
+
+def _sniffed(data: bytes) -> str:
+    """What the first bytes look like, for the message only (never used to choose a decoder)."""
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), "an unrecognised format")
+
+
+def open_image(data: bytes, where: str, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
+    """Image bytes opened (header read, no pixel decoded) as one of ``formats``, or ImageRejected naming
+    ``where`` and the reason: empty, another format (only ``formats``' PIL plugins are asked, so no other
+    plugin ever parses the bytes: PIL's EPS plugin would run Ghostscript on them), several frames (APNG,
+    MPO: one frame of several is not the image), or more than MAX_PIXELS (checked from the header)."""
     if not data:
         raise ImageRejected(f"{where}: zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > MAX_PIXELS:  # checked from the header, before decoding any pixel
-            raise ImageRejected(f"{where}: {width}x{height} = {width * height} pixels exceeds the "
-                                f"decompression-bomb limit of {MAX_PIXELS}")
-        fmt = str(img.format)
+        img = Image.open(io.BytesIO(data), formats=list(formats))
+    except UnidentifiedImageError:
+        raise ImageRejected(f"{where}: not a {' or '.join(formats)} image (its first bytes look like "
+                            f"{_sniffed(data)}); only {', '.join(formats)} files are accepted") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageRejected(f"{where}: cannot read image header ({type(err).__name__}: {err})") from None
+    if getattr(img, "n_frames", 1) != 1 or getattr(img, "is_animated", False):
+        raise ImageRejected(f"{where}: {img.format} with {getattr(img, 'n_frames', '?')} frames (animated or "
+                            "multi-frame); only single-frame images are accepted")
+    if img.format not in formats:  # a plugin's factory may hand over another image class (JPEG -> MPO)
+        raise ImageRejected(f"{where}: {img.format} image; only {', '.join(formats)} files are accepted")
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ImageRejected(f"{where}: {width}x{height} = {width * height} pixels exceeds the "
+                            f"decompression-bomb limit of {MAX_PIXELS}")
+    return img
+
+
+def decode_rgb(data: bytes, where: str, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
+    """:func:`open_image`, fully decoded and converted to 8-bit RGB by :func:`to_rgb` (for images lesion-vq
+    wrote itself: packed JPEGs, sample PNGs)."""
+    img = open_image(data, where, formats)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageRejected(f"{where}: cannot decode image ({type(err).__name__}: {err})") from None
+    return to_rgb(img, where)
+
+
+def load_rgb(data: bytes, where: str) -> tuple[Image.Image, str, str]:
+    """Fully decode image bytes to 8-bit RGB; returns (image, source format such as "JPEG" or "PNG", source
+    pixel format such as "RGB" or "I;16"). Raises ImageRejected naming ``where`` and the reason."""
+    img = open_image(data, where)
+    fmt = str(img.format)
+    try:
         img.load()  # full decode: truncated / corrupt data fails here, not during training
         img = ImageOps.exif_transpose(img)
-    except ImageRejected:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageRejected(f"{where}: cannot decode image ({type(err).__name__}: {err})") from None
     return to_rgb(img, where), fmt, img.mode
 

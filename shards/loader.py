@@ -11,7 +11,6 @@ and an epoch covers every training sample exactly once); do not pass these loade
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import re
 import signal
@@ -24,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from runtime.config import CLASSES, ConfigError, OptimConfig
 from runtime.log import get_logger
 from runtime.process import die_with_parent
 from runtime.seeding import torch_generator
+from shards.images import ImageRejected, open_image
 from shards.manifest import ManifestError, read_manifest, shard_paths, verify_shards
 from shards.stream import SampleDecoder, SampleRefused, ShardStream, collate, steps_per_epoch
 
@@ -149,8 +148,12 @@ class ImageDecoder:
             raise ValueError(f"needs an image (jpg/png) and cls member; has {sorted(members)}")
         label = class_label(members["cls"])
         # PIL rather than torchvision.io (deprecated since torchvision 0.29); both use libjpeg-turbo.
-        # Image.open reads the header only: a deferred sample is checked without decoding its pixels.
-        img = Image.open(io.BytesIO(data))
+        # open_image reads the header only (JPEG or PNG, one frame): a deferred sample is checked without
+        # decoding its pixels.
+        try:
+            img = open_image(data, "image")
+        except ImageRejected as err:
+            raise SampleRefused(str(err)) from None
         if img.size != (self.image_size, self.image_size):
             raise SampleRefused(f"image is {img.size[0]}x{img.size[1]}, but the split holds "
                                 f"{self.image_size}x{self.image_size} images (its manifest)")
@@ -197,7 +200,7 @@ def apply_augment(image: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: int) -> dict[str, Any]:
     """A deferred batch (ImageDecoder(defer=True)) as the usual ``image`` float batch on ``device``: JPEGs are
     decoded in one batched call there (nvJPEG on a GPU), anything else on the CPU, then augmented there."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # imported on first need, as _rotate
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png  # imported on first need, as _rotate
 
     encoded = [torch.as_tensor(e) for e in batch.pop("encoded", [])]  # the DataLoader may have converted them
     draws = batch.pop("augment")
@@ -207,7 +210,8 @@ def decode_on_device(batch: dict[str, Any], device: torch.device, image_size: in
         decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
         for i, image in zip(jpegs, decoded, strict=True):
             images[i] = image
-    pixels = [apply_augment(image if image is not None else decode_image(e, mode=ImageReadMode.RGB).to(device), d)
+    # The rest passed ImageDecoder's open_image as PNG: decoded as PNG, never by a format-sniffing decoder.
+    pixels = [apply_augment(image if image is not None else decode_png(e, mode=ImageReadMode.RGB).to(device), d)
               for image, e, d in zip(images, encoded, draws, strict=True)]
     stacked = torch.stack(pixels) if pixels else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8,
                                                              device=device)

@@ -16,6 +16,7 @@ from typing import Any
 from webdataset.tariterators import base_plus_ext
 
 from runtime.files import sha256_file
+from runtime.integrity import IntegrityError, recorded_path
 from runtime.stages import ManifestError, stage
 from runtime.stages import read_manifest as _read
 
@@ -43,8 +44,9 @@ def read_manifest(split_dir: Path) -> dict[str, Any]:
 
 
 def shard_paths(split_dir: Path) -> list[Path]:
-    """Shard files of a split, in manifest order."""
-    return [Path(split_dir) / s["name"] for s in read_manifest(split_dir)["shards"]]
+    """Shard files of a split, in manifest order (a recorded name leaving the split folder is refused)."""
+    where = Path(split_dir) / "manifest.json"
+    return [recorded_path(split_dir, s.get("name"), manifest=where) for s in read_manifest(split_dir)["shards"]]
 
 
 def sample_offsets(path: Path) -> list[int]:
@@ -75,8 +77,13 @@ def describe_shard(path: Path, count: int) -> dict[str, Any]:
 def verify_shards(split_dir: Path) -> list[str]:
     """Problems with a split's shards (missing file, size or sha256 mismatch); empty when intact."""
     problems = []
+    where = Path(split_dir) / "manifest.json"
     for shard in read_manifest(split_dir)["shards"]:
-        path = Path(split_dir) / shard["name"]
+        try:
+            path = recorded_path(split_dir, shard.get("name"), manifest=where)
+        except IntegrityError as err:
+            problems.append(str(err))
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != shard["bytes"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -10,6 +9,7 @@ from webdataset.tariterators import tarfile_samples
 
 from runtime.config import CLASSES
 from runtime.files import atomic_path
+from shards.images import ImageRejected, decode_rgb
 from shards.loader import class_label
 from shards.manifest import shard_paths
 from shards.stream import SampleRefused
@@ -27,7 +27,10 @@ def preview_grid(split_dir: Path, out_png: Path, per_class: int = 8, cell: int =
         except SampleRefused:
             continue  # a bad class is counted by the loader; a preview just leaves it out
         if "jpg" in sample and len(rows[label]) < per_class:
-            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            try:
+                img = decode_rgb(sample["jpg"], f"{sample.get('__url__')}: {sample.get('__key__')}")
+            except ImageRejected:
+                continue  # as a bad class: the loader counts it, a preview leaves it out
             rows[label].append(img.resize((cell, cell), Image.BILINEAR))
         if all(len(r) >= per_class for r in rows.values()):
             break
