@@ -16,6 +16,7 @@ fast tier stays in-process however the suite grows.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.process
 import os
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 from helpers import tiny_config
 
-from runtime.config import DataConfig
+from shards.config import DataConfig
 
 # ../shared/data beside the repository, or wherever LESION_VQ_SHARED_DATA points.
 SHARED_DATA = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -54,13 +55,10 @@ def _starts_project_code(args: object) -> bool:
     return program.startswith("python") or os.fsdecode(argv[0]) == sys.executable or program in _PROCESS_LAUNCHERS
 
 
-@pytest.fixture(autouse=True)
-def _fast_tier_stays_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("slurm"):
-        yield
-        return
-    message = f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow (or slurm)"
-    popen_init = subprocess.Popen.__init__
+@contextlib.contextmanager
+def _no_processes(nodeid: str) -> Iterator[None]:
+    message = f"{nodeid} starts a process (in the test or a fixture it needs): mark it @pytest.mark.slow (or slurm)"
+    popen_init, process_start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
 
     def popen(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
         if _starts_project_code(args):
@@ -70,9 +68,30 @@ def _fast_tier_stays_in_process(request: pytest.FixtureRequest, monkeypatch: pyt
     def start(self: multiprocessing.process.BaseProcess) -> None:
         raise AssertionError(message)
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
-    yield
+    subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
+    multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init  # type: ignore[method-assign]
+        multiprocessing.process.BaseProcess.start = process_start  # type: ignore[method-assign]
+
+
+def _fast(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is None and item.get_closest_marker("slurm") is None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    # Around setup too: a module or session fixture that trains in a subprocess makes its tests slow.
+    with _no_processes(item.nodeid) if _fast(item) else contextlib.nullcontext():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item.nodeid) if _fast(item) else contextlib.nullcontext():
+        return (yield)
 
 
 def _pack_synth(out_dir: Path, **overrides: Any) -> Path:

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,45 @@ def tiny_config(run_dir: Path, *extra: str) -> RunConfig:
 def stage_env(**extra: str) -> dict[str, str]:
     """Environment for stage subprocesses: quiet, single-threaded math so 2 processes share 2 cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+
+
+# ----- running the project's command-line entry points ----------------------------------------------
+def run_cli(*argv: str | os.PathLike[str], timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``python ARGV...`` from the repository root (a script path, or ``-m module``), with stage_env(); never
+    raises on a non-zero exit: check the result with assert_ok / assert_one_line_error."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env or stage_env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def run_pipeline(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python launch/pipeline.py --config CONFIG ARGS...`` (see run_cli)."""
+    return run_cli("launch/pipeline.py", "--config", config, *args, timeout=timeout)
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str, alone: bool = False) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line, the last one, holding every needle (``alone``: and
+    nothing else on stderr). Returns that line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line.split("\r")[-1] for line in result.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    assert len(lines) == 1 or not alone, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished run directory to change freely (symbolic links, e.g. a shared data/, stay links)."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
 
 
 # ----- the local Slurm (slurm/local-cluster.sh up) --------------------------------------------------

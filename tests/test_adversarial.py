@@ -122,6 +122,7 @@ def _train(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=stage_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_a_discriminator_too_deep_for_the_images_is_refused_when_planning(tmp_path: Path) -> None:
     expected = ("vqvae_train.adversarial.disc_layers=4 is too deep for data.image_size=32: the discriminator "
                 "needs images of at least 48 px; allowed: disc_layers <= 3")
@@ -240,6 +241,7 @@ def test_stop_and_resume_ends_bitwise_equal_to_the_uninterrupted_run(tmp_path: P
         assert hashes[0][name] == hashes[1][name], name
 
 
+@pytest.mark.slow
 def test_resuming_with_adversarial_on_from_a_checkpoint_without_is_refused(tmp_path: Path, tiny_run) -> None:
     """Switching adversarial training on is a config change: a checkpoint saved without a discriminator is
     refused by identity (one line, exit 2), never resumed with a fresh discriminator."""
@@ -253,6 +255,7 @@ def test_resuming_with_adversarial_on_from_a_checkpoint_without_is_refused(tmp_p
     assert not (adv.run_dir / "vqvae" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_model_and_discriminator(tiny_run) -> None:
     cfg, config = tiny_run("vqvae_train.adversarial.enabled=true", "vqvae_train.adversarial.start_step=3",
                            "vqvae_train.max_steps=8", "vqvae_train.log_every=4", "vqvae_train.eval_every=100")

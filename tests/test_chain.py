@@ -194,6 +194,7 @@ def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: in
 
 
 @pytest.mark.parametrize("conditional", [True, False])
+@pytest.mark.slow
 def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: bool) -> None:
     """Trained with prior/train.py on class-dependent codes, a conditional prior's samples of class c
     are dominated by code c; an unconditional prior's samples cannot tell the classes apart."""

@@ -34,6 +34,7 @@ def test_seed_preset_is_the_report() -> None:
     assert (cfg.prior.arch, cfg.prior.filters, cfg.prior.layers, cfg.prior.kernel_size) == ("pixelcnn", 120, 8, 7)
 
 
+@pytest.mark.slow
 def test_ham128_preset_is_real_data_at_128_px(tmp_path: Path) -> None:
     cfg = build_config("ham128", PRESET_PATHS["ham128"])
     assert (cfg.data.source, cfg.data.image_size, str(cfg.data.isic_images)) == ("isic", 128, "/data/images")
@@ -99,6 +100,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
         "prior_train")
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "vqvae/train.py", "--preset", "smoke", "vqvae_train.batch_size=0"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -273,16 +273,19 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: s
         assert needle in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_infinite_learning_rate() -> None:
     _assert_one_line_error(_cli("vqvae/train.py", "--preset", "smoke", "vqvae_train.lr=1e309"),
                            "vqvae_train.lr: Input should be a finite number")
 
 
+@pytest.mark.slow
 def test_cli_refuses_empty_vqvae_channels() -> None:
     _assert_one_line_error(_cli("vqvae/train.py", "--preset", "smoke", "vqvae.channels=[]"),
                            "vqvae.channels: List should have at least 1 item")
 
 
+@pytest.mark.slow
 def test_cli_refuses_preset_with_config(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     save_config(build_config("smoke", [f"run_dir={tmp_path / 'run'}"]), path)

@@ -16,7 +16,7 @@ def test_docs_config_md_is_what_the_command_prints(capsys: pytest.CaptureFixture
     printed = capsys.readouterr().out
     assert printed == config_reference.markdown() + "\n"
     on_disk = (REPO / "docs" / "config.md").read_text()
-    assert on_disk == printed, "docs/config.md is stale: python launch/pipeline.py --help-config --markdown > docs/config.md"
+    assert on_disk == printed, "docs/config.md is stale: run python launch/pipeline.py --help-config --markdown"
 
 
 def test_every_config_key_has_a_description() -> None:

@@ -57,6 +57,7 @@ def test_more_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
         assert text in str(err.value)
 
 
+@pytest.mark.slow
 def test_pipeline_cli_reports_every_bad_value_at_once_and_starts_nothing(tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(sys.executable, "launch/pipeline.py", f"run_dir={run_dir}", "vqvae_train.batch_size=0",
@@ -74,6 +75,7 @@ def test_pipeline_cli_reports_every_bad_value_at_once_and_starts_nothing(tmp_pat
                               "allowed: multiples of 4"]),
     (["--processes", "0"], ["--processes must be >= 1"]),
 ])
+@pytest.mark.slow
 def test_pipeline_cli_refuses_before_touching_the_run_dir(tmp_path, argv, needles):
     run_dir = tmp_path / "run"
     _assert_clean_usage_error(_cli(sys.executable, "launch/pipeline.py", f"run_dir={run_dir}", *argv), *needles)
@@ -86,6 +88,7 @@ def test_pipeline_cli_refuses_before_touching_the_run_dir(tmp_path, argv, needle
     ("prior/train.py", lambda c: c["prior"].update(layers="six"), ["prior.layers: Input should be a valid integer"]),
     ("prior/sample.py", None, ["is not valid JSON"]),
 ])
+@pytest.mark.slow
 def test_hand_edited_config_file_is_refused_by_every_stage(tmp_path, script, edit, needles):
     run_dir = tmp_path / "run"
     tiny_config(run_dir)
@@ -113,6 +116,7 @@ def one_image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_more_training_processes_than_samples_fails_before_training(tmp_path, tiny_data, one_image_data):
     run_dir = tmp_path / "run"
     tiny_config(run_dir)
@@ -126,6 +130,7 @@ def test_more_training_processes_than_samples_fails_before_training(tmp_path, ti
     assert not (run_dir / "vqvae").exists()
 
 
+@pytest.mark.slow
 def test_empty_validation_split_fails_before_training_not_at_the_first_evaluation(tmp_path, one_image_data):
     run_dir = tmp_path / "run"
     tiny_config(run_dir, "data.num_images=1")

@@ -122,6 +122,7 @@ def bad_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_corrupt_odd_and_bomb_images_are_skipped_by_name_and_the_rest_packed(bad_folder, tmp_path):
     cfg = DataConfig(source="isic", isic_images=bad_folder / "images", isic_csv=bad_folder / "meta.csv",
                      image_size=32, workers=2, shard_max_count=16)
@@ -188,6 +189,7 @@ def test_pack_rerun_after_input_fix_repacks_and_recounts(bad_folder, tmp_path):
     ("image_id,diagnosis", "cannot tell the layout"),  # required column missing
     ("lesion_id,image_id", "cannot tell the layout"),  # dx missing
 ])
+@pytest.mark.slow
 def test_csv_with_missing_or_misspelled_columns_fails_at_once_naming_them(tmp_path, header, message):
     images = tmp_path / "images"
     images.mkdir()
@@ -203,6 +205,7 @@ def test_csv_with_missing_or_misspelled_columns_fails_at_once_naming_them(tmp_pa
     assert not out.exists() or not any(out.rglob("*.tar")), "work started before the input was checked"
 
 
+@pytest.mark.slow
 def test_csv_with_only_unusable_rows_fails_with_the_skip_summary(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

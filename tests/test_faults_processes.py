@@ -216,6 +216,7 @@ def _ddp_after_first_checkpoint(tmp_path, tiny_data, name: str) -> tuple[Path, s
     return run_dir, proc, workers
 
 
+@pytest.mark.slow
 def test_ddp_usr2_to_every_process_checkpoints_exits_75_and_resumes(tmp_path, tiny_data):
     """What ``scancel --signal=USR2`` / ``sbatch --signal=USR2@120`` do: every process of the step gets it."""
     run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-usr2")
@@ -234,6 +235,7 @@ def test_ddp_usr2_to_every_process_checkpoints_exits_75_and_resumes(tmp_path, ti
     assert len(set(manifest["rank_state_digests"])) == 1
 
 
+@pytest.mark.slow
 def test_ddp_one_rank_killed_the_others_exit_with_an_error_in_bounded_time(tmp_path, tiny_data):
     run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-kill")
     started = time.monotonic()
@@ -249,6 +251,7 @@ def test_ddp_one_rank_killed_the_others_exit_with_an_error_in_bounded_time(tmp_p
     print(f"launcher ended {took:.1f} s after a rank was killed, exit {code}")
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_to_every_process_exits_75(tmp_path, tiny_data):
     """What ``scancel`` / pre-emption does: SIGTERM to every process, launcher included."""
     run_dir, proc, workers = _ddp_after_first_checkpoint(tmp_path, tiny_data, "ddp-term")
@@ -259,6 +262,7 @@ def test_ddp_sigterm_to_every_process_exits_75(tmp_path, tiny_data):
     assert code == EXIT_REQUEUE, err[-2000:]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     run_dir = _make_run(tmp_path, tiny_data, "nan", "vqvae_train.lr=1e30")
     code, err = _run(_train_argv(run_dir))
@@ -275,6 +279,7 @@ def test_nonfinite_loss_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, tin
     assert not (run_dir / "vqvae" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_critic_is_named_in_the_nonfinite_hint(tmp_path, tiny_data):
     # Only the discriminator's learning rate is absurd: the hint must point at the critic's settings too.
     run_dir = _make_run(tmp_path, tiny_data, "nan-critic", "vqvae_train.adversarial.enabled=true",

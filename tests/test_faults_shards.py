@@ -169,6 +169,7 @@ def _damage(shard: Path, how: str) -> None:
 
 @pytest.mark.parametrize(("how", "message"), [("missing", "missing"), ("truncated", "size"),
                                               ("modified", "sha256 differs"), ("val-missing", "missing")])
+@pytest.mark.slow
 def test_training_refuses_missing_truncated_or_modified_shards_before_any_work(tmp_path, tiny_data, how, message):
     run_dir, config = _own_run(tmp_path, tiny_data)
     split = run_dir / "data" / ("val" if how.startswith("val-") else "train")
@@ -186,6 +187,7 @@ def test_training_refuses_missing_truncated_or_modified_shards_before_any_work(t
         assert inspect.returncode == 1 and "FAILED" in inspect.stdout and shard.name in inspect.stdout
 
 
+@pytest.mark.slow
 def test_training_on_a_consistent_but_hostile_shard_refuses_its_bad_members(tmp_path, tiny_data):
     marker = tmp_path / "UNPICKLED"
     run_dir, config = _own_run(tmp_path, tiny_data)

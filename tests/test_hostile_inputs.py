@@ -272,6 +272,7 @@ def test_packing_converts_every_pixel_format_by_an_explicit_rule_or_skips_it_nam
     ("image,MEL,NV,MEL", ["['MEL'] appear more than once"]),
     ("image_id,dx,image,MEL,NV", ["matches two layouts", "['image_id', 'dx']", "['image', 'MEL', 'NV']"]),
 ])
+@pytest.mark.slow
 def test_ambiguous_csv_headers_are_refused_naming_the_columns(tmp_path: Path, header: str, needles: list[str]) -> None:
     """Old code: csv.DictReader kept the last duplicate column's values; a header of both layouts was read
     as HAM10000 without a word."""
@@ -354,6 +355,7 @@ def _add_to_split(split: Path, samples: list[dict[str, bytes]], name: str = "sha
     atomic_write_json(split / "manifest.json", manifest)
 
 
+@pytest.mark.slow
 def test_bad_class_trains_refused_and_encode_stops_with_one_line_naming_the_sample(tmp_path: Path,
                                                                                     tiny_data: Path) -> None:
     """Old code: the VQ-VAE trained on cls 99 / -1 without a word, then encode crashed with an IndexError
@@ -400,6 +402,7 @@ def _code_run(run_dir: Path, k: int, grid: int, bad: dict[str, np.ndarray]) -> s
     return str(run_dir / "config.json")
 
 
+@pytest.mark.slow
 def test_codes_outside_the_codebook_are_refused_by_prior_training_and_the_report(tmp_path: Path) -> None:
     """Old code: prior training died with an IndexError in the embedding, the report with a broadcast error."""
     config = _code_run(tmp_path / "run", 32, 8, {"code_32": np.full((8, 8), 32, np.int16),
@@ -444,6 +447,7 @@ def _pack_on_full_disk(tmpfs) -> tuple[Path, subprocess.CompletedProcess[str]]:
                      "data.image_size=64", "data.workers=1")
 
 
+@pytest.mark.slow
 def test_disk_full_while_packing_exits_2_naming_the_folder_and_leaves_no_temporary_file(tmpfs) -> None:
     """Old code: an OSError traceback and a ``shard-000000.tar.tmp-writing`` left behind."""
     mnt, result = _pack_on_full_disk(tmpfs)
@@ -456,6 +460,7 @@ def test_disk_full_while_packing_exits_2_naming_the_folder_and_leaves_no_tempora
     assert not _temps(mnt) and not (mnt / "data" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_packing_is_one_line_without_any_traceback(tmpfs) -> None:
     mnt, result = _pack_on_full_disk(tmpfs)
     _one_line_error(result, str(mnt / "data"), "No space left on device [ENOSPC]")
@@ -482,6 +487,7 @@ def _tmpfs_run(mnt: Path, tiny_data: Path, *extra: str) -> str:
     return str(run_dir / "config.json")
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temporary_checkpoint(tmpfs, tiny_data) -> None:
     """Old code: 'RuntimeError: [enforce fail at inline_container.cc:671] . unexpected pos ...' traceback."""
     mnt = tmpfs("disk", "512k")  # a tiny checkpoint is about 950 kB
@@ -492,6 +498,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temporary_check
     assert not [p for p in (mnt / "run" / "vqvae" / "checkpoints").iterdir()]
 
 
+@pytest.mark.slow
 def test_disk_full_while_encoding_is_one_line_and_leaves_no_temporary_shard(tmpfs, tiny_data) -> None:
     mnt = tmpfs("disk", "8m")
     config = _tmpfs_run(mnt, tiny_data, "vqvae_train.max_steps=5", "vqvae_train.eval_every=100", "encode.num_tasks=1")
@@ -513,6 +520,7 @@ def test_read_only_run_dir_is_one_line_for_training_and_the_report(tmpfs, tiny_d
 
 
 @pytest.mark.parametrize("case", ["under_a_file", "name_too_long", "config_is_a_folder"])
+@pytest.mark.slow
 def test_unusable_run_dir_paths_are_one_line(tmp_path: Path, case: str) -> None:
     """Old code: NotADirectoryError / 'File name too long' / IsADirectoryError tracebacks from the pipeline."""
     (tmp_path / "afile").write_text("not a folder")
@@ -528,6 +536,7 @@ def test_unusable_run_dir_paths_are_one_line(tmp_path: Path, case: str) -> None:
     assert not _temps(tmp_path)
 
 
+@pytest.mark.slow
 def test_report_on_a_missing_or_empty_dir_says_what_is_wrong(tmp_path: Path) -> None:
     missing = _cli("-m", "launch.report", str(tmp_path / "nope"))
     _one_line_error(missing, f"run directory {tmp_path / 'nope'} does not exist")
@@ -554,6 +563,7 @@ def test_inspect_reads_a_split_folder_and_code_shards(chain: dict[str, Any]) -> 
 # ----- 3. silent mismatches are stated ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_split_packed_at_another_size_than_its_folder_says_is_refused(tmp_path: Path, tiny_data: Path) -> None:
     """Old code evaluated on the 32-px images resized to the split's claimed 64 px, without a word."""
     run_dir = tmp_path / "run"
@@ -567,6 +577,7 @@ def test_a_split_packed_at_another_size_than_its_folder_says_is_refused(tmp_path
     assert not (run_dir / "vqvae" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_world_size_continues_the_epoch_and_is_recorded(tmp_path: Path, tiny_run) -> None:
     """Old code resumed a checkpoint of another world size silently, by global step (another data order)."""
     cfg, config = tiny_run("vqvae_train.max_steps=10", "vqvae_train.eval_every=100", "vqvae_train.checkpoint_every=5")

@@ -56,6 +56,7 @@ def test_weighted_frechet_distance_and_mix_weights() -> None:
     assert float(weights[drawn == 2].sum()) == 0.0 and float(weights.sum()) == pytest.approx(len(drawn))
 
 
+@pytest.mark.slow
 def test_samples_weighted_to_the_real_mix_measure_the_per_class_model_not_the_mix() -> None:
     """A perfect class-conditional model drawn 1:1 against real images 9:1: unweighted, the Fréchet distance
     sees the class mix; with the samples weighted to the real mix it is the finite-sample noise only."""

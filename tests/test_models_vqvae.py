@@ -235,6 +235,7 @@ def _reference(ranks: range) -> list[dict[str, Tensor]]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_ema_codebook_identical_across_ranks_and_equal_to_concatenated_update(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(str(tmp_path / "pg-init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

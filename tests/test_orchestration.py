@@ -56,6 +56,7 @@ def _images(folder: Path, n: int) -> None:
 
 
 # ----- 1. never destroy the inputs ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_pack_into_the_folder_holding_its_inputs_is_refused_and_deletes_nothing(tmp_path: Path) -> None:
     ds = tmp_path / "DS"
     _images(ds / "train", 8)
@@ -67,6 +68,7 @@ def test_pack_into_the_folder_holding_its_inputs_is_refused_and_deletes_nothing(
     assert _tree(ds) == before
 
 
+@pytest.mark.slow
 def test_pack_into_a_folder_of_foreign_files_is_refused(tmp_path: Path) -> None:
     _images(tmp_path / "images", 4)
     (tmp_path / "meta.csv").write_text("image_id,dx\n" + "".join(f"img_{i:03d},nv\n" for i in range(4)))
@@ -79,6 +81,7 @@ def test_pack_into_a_folder_of_foreign_files_is_refused(tmp_path: Path) -> None:
     assert (out / "train" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_packing_that_yields_no_image_exits_non_zero_and_writes_no_manifest(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -92,6 +95,7 @@ def test_packing_that_yields_no_image_exits_non_zero_and_writes_no_manifest(tmp_
 
 
 # ----- 2./3. a run_dir with user files, or the repository -------------------------------------------------
+@pytest.mark.slow
 def test_run_dir_with_user_files_is_refused_and_left_alone(tmp_path: Path) -> None:
     run_dir = tmp_path / "R"
     (run_dir / "data" / "raw").mkdir(parents=True)
@@ -101,6 +105,7 @@ def test_run_dir_with_user_files_is_refused_and_left_alone(tmp_path: Path) -> No
     assert (run_dir / "data" / "raw" / "keep").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_run_dir_holding_the_input_images_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "R"
     _images(run_dir / "data" / "isic", 4)
@@ -111,6 +116,7 @@ def test_run_dir_holding_the_input_images_is_refused(tmp_path: Path) -> None:
     assert _tree(run_dir) == before
 
 
+@pytest.mark.slow
 def test_run_dir_that_is_a_clone_of_the_repository_is_refused(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
@@ -122,6 +128,7 @@ def test_run_dir_that_is_a_clone_of_the_repository_is_refused(tmp_path: Path) ->
 
 
 # ----- 4. a copied run directory works on the copy ---------------------------------------------------------
+@pytest.mark.slow
 def test_copied_run_directory_is_run_where_its_config_lives(tmp_path: Path) -> None:
     base = tmp_path / "runs" / "base"
     tiny_config(base)
@@ -251,6 +258,7 @@ def test_array_tasks_of_two_configs_never_complete_a_stage(trained: Path) -> Non
     assert not (trained / "samples" / "shard-000001.tar").exists()
 
 
+@pytest.mark.slow
 def test_manifest_without_lineage_is_refused_not_trusted(tmp_path: Path, tiny_data: Path) -> None:
     run_dir = tmp_path / "run"
     tiny_config(run_dir)

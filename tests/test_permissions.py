@@ -41,6 +41,7 @@ def _mode(path: Path) -> int:
     (0o002, 0o664, 0o775),  # a group-shared project folder
     (0o077, 0o600, 0o700),
 ])
+@pytest.mark.slow
 def test_outputs_get_the_modes_the_umask_allows(tmp_path: Path, umask: int, file_mode: int, dir_mode: int) -> None:
     result = subprocess.run([sys.executable, "-c", _WRITER, f"{umask:o}", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)

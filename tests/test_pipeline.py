@@ -70,6 +70,7 @@ def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedPro
     assert kept and (kept[0] / "manifest.json").is_file(), "the forced stage's old outputs must be kept"
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
     tiny_config(tmp_path / "run")
     result = pipeline("--config", str(tmp_path / "run" / "config.json"), "--dry-run", "--processes", "2")

@@ -244,6 +244,7 @@ def test_impossible_transformer_and_sampling_values_are_refused(override: str, m
 
 
 # ----- training ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_trained_by_prior_train_its_conditional_samples_match_their_class(tmp_path: Path) -> None:
     """prior/train.py on class-coded codes (class c uses code c at ~70 % of positions): conditional
     samples are dominated by their class's code, guidance 0 (the unconditional model learned through

@@ -206,6 +206,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_every_kind_ends_with_identical_state_on_every_rank(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(str(tmp_path / "pg-init"), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
@@ -266,6 +267,7 @@ def test_settings_of_another_kind_fail_on_one_line(overrides: list[str], needles
         assert needle in message, message
 
 
+@pytest.mark.slow
 def test_cli_refuses_another_kinds_setting_with_one_line_and_exit_2() -> None:
     result = subprocess.run([sys.executable, "vqvae/train.py", "--preset", "smoke", "--print-params",
                              "vqvae.quantizer.levels=[8,5,5,5]"], cwd=REPO, capture_output=True, text=True,

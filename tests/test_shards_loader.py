@@ -47,6 +47,7 @@ def _rank_main(rank: int, out: str, cases: list[dict]) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_cover_every_sample_exactly_once_with_equal_steps(synth_shards, pack_synth, tmp_path):
     odd = pack_synth(tmp_path / "odd", num_images=81, val_fraction=0.0, test_fraction=0.0, shard_max_count=10)
     cases = [{"dir": str(synth_shards / "train"), "batch": 8, "workers": 0},
@@ -77,6 +78,7 @@ def _train(split: Path, **kw) -> list[dict]:
     return list(make_train_loader(split, **args))
 
 
+@pytest.mark.slow
 def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count(synth_shards):
     split = synth_shards / "train"
     a, b = _train(split), _train(split, num_workers=2)
@@ -175,6 +177,7 @@ def _phase_main(rank: int, world: int, out: str, split: str, position: int, tag:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_world_size_continues_the_epoch_exactly_once(pack_synth, tmp_path):
     """2 real processes read 3 steps, then 3 real processes resume at the recorded position: every sample of the
     epoch is read exactly once, and each group's ranks run equal step counts."""
@@ -209,6 +212,7 @@ def test_a_reader_reads_only_its_own_samples_bytes(synth_shards):
     assert max(read) <= 1.1 * total / 4 + max(sizes.values())
 
 
+@pytest.mark.slow
 def test_images_decoded_on_the_device_equal_the_worker_path(synth_shards):
     """The GPU path (workers hand over JPEG bytes and augmentation draws; the training process decodes the batch
     and augments it) gives the worker path's pixels; exercised here on the CPU device."""
@@ -248,6 +252,7 @@ print(json.dumps(keys))
 """
 
 
+@pytest.mark.slow
 def test_forked_workers_decode_every_sample_while_wandb_runs(synth_shards, tmp_path):
     """Augmenting workers forked after wandb.init (offline, the default) lose no sample: wandb watches the
     torchvision import, and a worker importing it itself raised wandb's ForkedError, dropping its first sample."""

@@ -41,6 +41,7 @@ def isic_folder(tmp_path, shared_data):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_pack_real_jpegs_skips_broken_files_with_reasons(isic_folder):
     cfg = DataConfig(source="isic", isic_images=isic_folder / "images", isic_csv=isic_folder / "meta.csv",
                      image_size=32, workers=2, val_fraction=0.0, test_fraction=0.0)
@@ -77,6 +78,7 @@ pack_synthetic(DataConfig(num_images=4000, image_size=64, shard_max_count=40, wo
 """
 
 
+@pytest.mark.slow
 def test_kill_mid_pack_leaves_nothing_complete_and_rerun_completes(tmp_path, pack_synth):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out)], cwd=REPO, start_new_session=True,

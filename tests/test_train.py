@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import REPO, stage_env
 
 from runtime.launcher import accelerate_command
@@ -19,6 +20,7 @@ def _metrics(run_dir: Path, stage: str = "vqvae") -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_validation_is_measured(tiny_run: Callable[..., Any]) -> None:
     cfg, config = tiny_run("vqvae_train.max_steps=40", "vqvae_train.eval_every=20")
     result = subprocess.run([sys.executable, "vqvae/train.py", "--config", str(config)], cwd=REPO, env=stage_env(),
@@ -37,6 +39,7 @@ def test_loss_goes_down_and_validation_is_measured(tiny_run: Callable[..., Any])
     assert manifest["steps"] == 40 and manifest["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights_and_codebooks(tiny_run: Callable[..., Any]) -> None:
     cfg, config = tiny_run()
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(config)], processes=2)
@@ -52,6 +55,7 @@ def test_two_process_ddp_ends_with_identical_weights_and_codebooks(tiny_run: Cal
     assert "2 processes (DistributedType.MULTI_CPU)" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_process_ddp_of_the_seed_model_ends_identical_batchnorm_included(tiny_run: Callable[..., Any]) -> None:
     """The report's model has BatchNorm: each rank's last forward updates its own running statistics, so
     the ranks used to end different (training then failed its own digest check)."""
@@ -63,6 +67,7 @@ def test_two_process_ddp_of_the_seed_model_ends_identical_batchnorm_included(tin
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_by_default(tiny_run: Callable[..., Any]) -> None:
     cfg, config = tiny_run("wandb=offline", "vqvae_train.max_steps=10")
     env = stage_env()
