@@ -205,6 +205,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_adversarial_metrics_are_logged_from_the_start_step_on(finished: Path) -> None:
     rows = [json.loads(line) for line in (finished / "vqvae" / "metrics.jsonl").read_text().splitlines()]
     train_rows = {r["step"]: r for r in rows if "train/loss" in r}
@@ -216,6 +217,7 @@ def test_adversarial_metrics_are_logged_from_the_start_step_on(finished: Path) -
 
 
 @pytest.mark.parametrize("resume_at", [4, 8])
+@pytest.mark.slow
 def test_stop_and_resume_ends_bitwise_equal_to_the_uninterrupted_run(tmp_path: Path, finished: Path,
                                                                      resume_at: int) -> None:
     """The run as if stopped after step 4 (before the discriminator starts) or 8 (discriminator and its Adam

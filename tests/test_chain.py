@@ -54,6 +54,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
     return {"cfg": cfg, "run_dir": run_dir, "encode_logs": logs, "encode_rerun": rerun}
 
 
+@pytest.mark.slow
 def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
     run_dir = chain["run_dir"]
     codes = json.loads((run_dir / "codes" / "manifest.json").read_text())
@@ -69,6 +70,7 @@ def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
     assert "already encoded for this identity, skipped" in chain["encode_rerun"]
 
 
+@pytest.mark.slow
 def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> None:
     run_dir = chain["run_dir"]
     image_keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "data/val").glob("*.tar")),
@@ -82,6 +84,7 @@ def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> No
         {"__local_path__"} - set(samples[0]))
 
 
+@pytest.mark.slow
 def test_prior_learns_well_below_uniform(chain: dict) -> None:
     rows = [json.loads(line) for line in (chain["run_dir"] / "prior" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/bits_per_code" in r]
@@ -98,6 +101,7 @@ def _shard_samples(split_dir: Path) -> list[dict]:
                                shardshuffle=False, empty_check=False))
 
 
+@pytest.mark.slow
 def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, tmp_path: Path) -> None:
     """encode.train_views=8: every training image encoded in its 8 exact rotations/mirrorings, view by view
     (view 0 byte-identical to a plain encode), validation left at one grid per image; the prior trains on them."""
@@ -151,6 +155,7 @@ def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, t
         json.loads((views / "manifest.json").read_text())["identity"])
 
 
+@pytest.mark.slow
 def test_samples_cover_every_class_in_a_grid(chain: dict) -> None:
     out = chain["run_dir"] / "samples"
     manifest = json.loads((out / "manifest.json").read_text())

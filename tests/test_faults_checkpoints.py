@@ -92,6 +92,7 @@ def test_the_payload_is_real(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "how"), [("optimizer.pt", "auto"), ("rng.pt", "auto"), ("optimizer.pt", "dir")])
+@pytest.mark.slow
 def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path, finished, name, how):
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
     ckpt = run_dir / "vqvae" / "checkpoints" / "step-00000015"
@@ -107,6 +108,7 @@ def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path, fini
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "no_state"])
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, finished, damage):
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
     newest = run_dir / "vqvae" / "checkpoints" / "step-00000015"
@@ -126,6 +128,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, fini
     assert _weights_sha(run_dir) == _weights_sha(finished)
 
 
+@pytest.mark.slow
 def test_all_checkpoints_damaged_starts_over_and_still_matches(tmp_path, finished):
     """Nothing usable left: training starts from step 0 (with a warning per checkpoint), never from garbage."""
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
@@ -137,6 +140,7 @@ def test_all_checkpoints_damaged_starts_over_and_still_matches(tmp_path, finishe
     assert _weights_sha(run_dir) == _weights_sha(finished)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_configuration_is_refused_not_resumed(tmp_path, finished):
     """The same run dir trained again with a setting that changes the weights: never mixed, nothing touched,
     exit 2 (the pipeline would keep the old outputs in .history/ and start afresh)."""

@@ -96,6 +96,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "before_rerun": _state(run_dir)}
 
 
+@pytest.mark.slow
 def test_second_pipeline_on_the_same_run_dir_fails_at_once_with_a_lock_message(crashed):
     second = crashed["second"]
     assert second.returncode == 2, second.stderr[-2000:]
@@ -105,6 +106,7 @@ def test_second_pipeline_on_the_same_run_dir_fails_at_once_with_a_lock_message(c
     assert crashed["second_s"] < 60  # python + torch import time; it does not wait for the lock
 
 
+@pytest.mark.slow
 def test_kill9_of_the_pipeline_leaves_no_process_and_nothing_complete_looking(crashed):
     assert crashed["survivors"] == [], "a stage process outlived its killed pipeline"
     run_dir = crashed["run_dir"]
@@ -112,6 +114,7 @@ def test_kill9_of_the_pipeline_leaves_no_process_and_nothing_complete_looking(cr
     assert json.loads((run_dir / ".pipeline" / "vqvae.timing.json").read_text())["seconds"] is None
 
 
+@pytest.mark.slow
 def test_rerun_after_the_crash_resumes_training_and_completes(crashed):
     run_dir = crashed["run_dir"]
     result = _pipeline(crashed["config"])
@@ -128,6 +131,7 @@ def test_rerun_after_the_crash_resumes_training_and_completes(crashed):
     crashed["complete"] = after
 
 
+@pytest.mark.slow
 def test_changed_setting_that_affects_no_output_redoes_nothing(crashed):
     run_dir = crashed["run_dir"]
     before = crashed.get("complete") or pytest.skip("needs the completed rerun")
@@ -138,6 +142,7 @@ def test_changed_setting_that_affects_no_output_redoes_nothing(crashed):
     assert _state(run_dir) == before
 
 
+@pytest.mark.slow
 def test_changed_prior_config_redoes_prior_and_sampling_only(crashed):
     run_dir = crashed["run_dir"]
     before = crashed.get("complete") or pytest.skip("needs the completed rerun")

@@ -116,6 +116,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict
     return _final(run_dir)
 
 
+@pytest.mark.slow
 def test_kill9_at_random_steps_and_mid_checkpoint_write_resumes_bitwise(reference, tmp_path, tiny_data):
     run_dir = _make_run(tmp_path, tiny_data, "killed")
     rng = random.Random(20240611)
@@ -149,6 +150,7 @@ def test_kill9_at_random_steps_and_mid_checkpoint_write_resumes_bitwise(referenc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+@pytest.mark.slow
 def test_stop_signal_checkpoints_exits_75_and_resume_is_bitwise_identical(reference, tmp_path, tiny_data, sig):
     run_dir = _make_run(tmp_path, tiny_data, "stopped", "vqvae_train.checkpoint_every=7")
     proc = _start(_train_argv(run_dir))
@@ -167,6 +169,7 @@ def test_stop_signal_checkpoints_exits_75_and_resume_is_bitwise_identical(refere
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+@pytest.mark.slow
 def test_stop_signal_to_every_process_loader_workers_included_still_checkpoints(reference, tmp_path, tiny_data, sig):
     """Slurm's time limit, ``scancel`` and ``--signal`` reach every process of the step, the DataLoader's workers
     too: a worker killed by the signal must not turn the main process's checkpoint-and-exit into a crash."""

@@ -335,6 +335,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str
     return {"run_dir": run_dir, "config": config, "sample_logs": sample_logs}
 
 
+@pytest.mark.slow
 def test_encode_and_sample_store_uint8_codes_for_a_small_codebook(chain: dict[str, Any]) -> None:
     run_dir = chain["run_dir"]
     for folder in (run_dir / "codes" / "val", run_dir / "samples"):
@@ -509,6 +510,7 @@ def test_disk_full_while_encoding_is_one_line_and_leaves_no_temporary_shard(tmpf
     assert not _temps(mnt) and not (mnt / "run" / "codes" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_read_only_run_dir_is_one_line_for_training_and_the_report(tmpfs, tiny_data, chain) -> None:
     mnt = tmpfs("ro", "32m")
     fresh = _tmpfs_run(mnt, tiny_data)
@@ -546,6 +548,7 @@ def test_report_on_a_missing_or_empty_dir_says_what_is_wrong(tmp_path: Path) -> 
     assert not any((tmp_path / "empty").iterdir())
 
 
+@pytest.mark.slow
 def test_inspect_reads_a_split_folder_and_code_shards(chain: dict[str, Any]) -> None:
     """Old code: KeyError 'splits' on anything but a packed folder's top level."""
     run_dir = chain["run_dir"]
@@ -604,11 +607,13 @@ def test_resuming_with_another_world_size_continues_the_epoch_and_is_recorded(tm
 # ----- 4. clean output -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sampling_prints_no_numpy_not_writable_warning(chain: dict[str, Any]) -> None:
     logs = "".join(chain["sample_logs"])
     assert "all 2 tasks done" in logs and "not writable" not in logs and "UserWarning" not in logs
 
 
+@pytest.mark.slow
 def test_sample_grid_rows_carry_their_class_names(chain: dict[str, Any]) -> None:
     """Old code: the grid had no labels (exactly per_class cells wide)."""
     grid = np.asarray(Image.open(chain["run_dir"] / "samples" / "samples.png").convert("L"))
@@ -630,6 +635,7 @@ def test_save_grid_labels_rows_on_a_margin(tmp_path: Path) -> None:
     assert (labelled_px[:, : labelled_px.shape[1] - plain_px.shape[1]] < 100).any()
 
 
+@pytest.mark.slow
 def test_the_report_path_is_not_printed_by_the_report_stage(chain: dict[str, Any]) -> None:
     """The pipeline prints it in its summary; old code printed 'report: ...' a second time."""
     result = _ok(_cli("-m", "launch.report", "--config", chain["config"]))

@@ -182,6 +182,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> P
     return run_dir
 
 
+@pytest.mark.slow
 def test_samples_in_the_data_mix_follow_the_train_split(finished_run: Path) -> None:
     """class_mix=data: the sample stage drew its classes as the codes' train split holds them (every class
     at least once), and every sample's stored class is the one it was drawn for."""

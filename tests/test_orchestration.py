@@ -162,6 +162,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_forgotten_override_keeps_the_old_outputs_and_dry_run_says_what_happens(trained: Path) -> None:
     config = str(trained / "config.json")
     weights = (trained / "vqvae" / "final" / "model.safetensors").read_bytes()
@@ -185,6 +186,7 @@ def test_forgotten_override_keeps_the_old_outputs_and_dry_run_says_what_happens(
     assert (trained / "vqvae" / "final" / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_until_stops_after_a_stage_and_combines_with_from(trained: Path) -> None:
     """``--until STAGE``: what STAGE needs and STAGE, up-to-date stages skipped, nothing after it is made."""
     config = str(trained / "config.json")
@@ -226,6 +228,7 @@ def test_an_added_setting_at_its_old_behaviour_keeps_the_identity() -> None:
     assert identity(build_config("smoke", ["encode.train_views=8"]), "encode", {}) != ENCODE_IDENTITY_BEFORE_TRAIN_VIEWS
     for dotted in ADDED_SETTINGS:  # every listed setting names a real config key
         section, *path = dotted.split(".")
+@pytest.mark.slow
         value = build_config("smoke", []).model_dump(mode="json")[section]
         for part in path:
             value = value[part]
@@ -240,6 +243,7 @@ def test_code_shards_of_another_vqvae_are_refused(trained: Path, tmp_path: Path,
     for stage in ("vqvae", "encode"):
         assert _cli(*PIPELINE, "--config", str(other / "config.json"), "--only", stage).returncode == 0
     shutil.rmtree(other / "codes")
+@pytest.mark.slow
     shutil.copytree(trained / "codes", other / "codes")  # codes of the other VQ-VAE, copied in
     result = _cli(sys.executable, "prior/train.py", "--config", str(other / "config.json"))
     _refused(result, "its inputs were made from vqvae", f"{other / 'vqvae'} holds vqvae")

@@ -28,6 +28,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, result = finished_run
     for manifest in STAGE_MANIFESTS:
@@ -47,6 +48,7 @@ def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, s
     assert "not available yet" not in page
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, _ = finished_run
     before = {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS}
@@ -57,6 +59,7 @@ def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.Comple
     assert {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS} == before
 
 
+@pytest.mark.slow
 def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, _ = finished_run
     weights = (run_dir / "vqvae" / "manifest.json").read_text()
