@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bench.common import Row
-from runtime.config import CLASSES, DataConfig
 from runtime.files import atomic_write_json
+from shards.config import CLASSES, DataConfig
 from shards.images import array_to_jpeg, open_image
 from shards.loader import ImageDecoder, make_train_loader
 from shards.pack import pack_synthetic

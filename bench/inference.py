@@ -183,7 +183,8 @@ def _sweep_rows(bench: str, sweep: Sweep, values: dict[int, float], unit: str, d
 def _describe(cfg: RunConfig) -> str:
     grid = "x".join(map(str, build_vqvae(cfg.vqvae).code_grid(cfg.data.image_size)))
     return (f"{cfg.vqvae.arch} VQ-VAE {cfg.data.image_size} px, {cfg.prior.arch} prior "
-            f"{cfg.prior.layers}x{cfg.prior.filters}, grid {grid}, K={cfg.vqvae.codebook_size}, "
+            f"{cfg.prior.layers}x{getattr(cfg.prior, 'filters', None) or cfg.prior.d_model}, grid {grid}, "
+            f"K={cfg.vqvae.codebook_size}, "
             f"{torch.get_num_threads()} thread(s)")
 
 

@@ -175,7 +175,7 @@ def _prior_bits(run_dir: Path) -> float:
 
 def _codes_used(run_dir: Path, codebook_size: int) -> float:
     """Fraction of the codebook used by the encoded validation split."""
-    from prior.codes import make_code_eval_loader
+    from shards.codes import make_code_eval_loader
 
     seen = torch.zeros(codebook_size, dtype=torch.bool)
     for batch in make_code_eval_loader(run_dir / "codes" / "val", batch_size=256):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Row
-from runtime.config import DataConfig
+from shards.config import DataConfig
 from shards.loader import make_train_loader
 from shards.manifest import read_manifest
 from shards.pack import pack_synthetic

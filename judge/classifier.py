@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from runtime.config import CLASSES, ClassifierConfig
+from judge.config import ClassifierConfig
+from shards.config import CLASSES
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -44,13 +44,14 @@ from judge.classifier import (
 )
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
-from runtime.config import CLASSES, DataConfig, RunConfig, config_from_args
+from runtime.config import CLASSES, RunConfig, config_from_args
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
 from runtime.lineage import begin_stage, completed_inputs, content_digest, token
 from runtime.log import get_logger
 from runtime.ownership import MARKER, OwnershipError, foreign_entries, read_marker, write_marker
 from runtime.stages import RunLayout
+from shards.config import DataConfig
 from shards.fingerprint import input_fingerprint
 from shards.images import ImageRejected, decode_rgb, read_image_file
 from shards.ingest import find_images, ingest, summarise

@@ -35,8 +35,9 @@ from typing import Any
 import submitit
 from submitit.slurm.slurm import SlurmJobEnvironment
 
+from launch.config import SlurmResources
 from launch.plan import Step, prepare, record_done, record_start
-from runtime.config import RunConfig, SlurmResources, load_config
+from runtime.config import RunConfig, load_config
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
 from runtime.launcher import REPO_ROOT, stage_command

@@ -22,7 +22,7 @@ from runtime.errors import UserError
 from runtime.files import atomic_write_json, read_json
 from runtime.lineage import identity, mismatch_reason, token
 from runtime.ownership import MARKER, OwnershipError, foreign_entries, move_aside, read_marker
-from runtime.stages import MANIFEST, STAGES, RunLayout, Stage, read_stage_manifest
+from runtime.stages import MANIFEST, STAGES, RunLayout, Stage, read_manifest, read_stage_manifest
 
 Action = Literal["skip", "resume", "restore", "run"]
 
@@ -59,6 +59,18 @@ def _complete(folder: Path, name: str) -> dict[str, Any] | None:
         return read_stage_manifest(folder, name)
     except UserError:
         return None
+
+
+def _earlier_format(folder: Path, spec: Stage) -> str:
+    """For complete outputs of an earlier manifest format: why they are re-made, in one line ("" otherwise)."""
+    try:
+        found = read_manifest(folder).get("format")
+    except UserError:
+        return ""
+    if found == spec.manifest_format:
+        return ""
+    return (f"made by an earlier lesion-vq (manifest {found}, now {spec.manifest_format}"
+            f"{': ' + spec.format_change if spec.format_change else ''})")
 
 
 def _history_match(layout: RunLayout, spec: Stage, ident: str) -> tuple[Path, dict[str, Any]] | None:
@@ -134,7 +146,7 @@ def _step(cfg: RunConfig, spec: Stage, folder: Path, current: dict[str, Any] | N
     elif current is not None:
         reason = f"changed since it was made ({mismatch_reason(cfg, spec.name, current)})"
     elif has_outputs:
-        reason = "unfinished outputs are of other settings"
+        reason = _earlier_format(folder, spec) or "unfinished outputs are of other settings"
     else:
         reason = "not made yet"
     keep = old_label if has_outputs else None

@@ -99,7 +99,7 @@ def _codebook_histogram(cfg: RunConfig, out: Path) -> tuple[Path | None, dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prior.codes import make_code_eval_loader
+    from shards.codes import make_code_eval_loader
     from vqvae.metrics import codebook_usage
 
     manifest = _manifest(cfg, "encode")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from runtime.config import ConfigError
-
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """``logits`` (rows × K) with the codes outside the top ``top_k`` and outside the top-``top_p``
@@ -78,9 +76,9 @@ class AutoregressivePrior(nn.Module):
         classifier-free guidance needs a model trained with a null class (the transformer prior).
         """
         if guidance_scale != 1.0:
-            raise ConfigError(f"sample.guidance_scale={guidance_scale}: classifier-free guidance needs a prior "
-                              f"trained with a null class (prior.arch=transformer); the {type(self).__name__} "
-                              "prior has none; allowed: 1.0")
+            raise ValueError(f"guidance scale {guidance_scale}: classifier-free guidance needs a prior trained "
+                             f"with a null class (the transformer); the {type(self).__name__} prior has none; "
+                             "allowed: 1.0")
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()

@@ -12,18 +12,33 @@ logits at (i, j) may depend only on codes strictly before (i, j) in raster order
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prior.base import AutoregressivePrior
+from prior.config import PriorConfig
 from prior.gated import GatedPixelCNN
 from prior.masked import PixelCNN
 from prior.transformer import TransformerPrior
-from runtime.config import PriorConfig
+
+
+def _pixelcnn(model: type[AutoregressivePrior]) -> Callable[[Any, int, int], AutoregressivePrior]:
+    def build(cfg: Any, codebook_size: int, num_classes: int) -> AutoregressivePrior:
+        return model(codebook_size, num_classes, conditional=cfg.conditional, embed_dim=cfg.embed_dim,
+                     filters=cfg.filters, layers=cfg.layers, kernel_size=cfg.kernel_size)
+    return build
+
+
+def _transformer(cfg: Any, codebook_size: int, num_classes: int) -> AutoregressivePrior:
+    return TransformerPrior(codebook_size, num_classes, conditional=cfg.conditional, d_model=cfg.d_model,
+                            heads=cfg.heads, kv_heads=cfg.kv_heads or cfg.heads, layers=cfg.layers,
+                            label_dropout=cfg.label_dropout, max_grid_side=cfg.max_grid_side)
+
+
+PRIORS: dict[str, Callable[[Any, int, int], AutoregressivePrior]] = {
+    "pixelcnn": _pixelcnn(PixelCNN), "gated": _pixelcnn(GatedPixelCNN), "transformer": _transformer}
+"""Prior arch (prior.config.PRIOR_CONFIGS) -> builder from its settings, the codebook size and the classes."""
 
 
 def build_prior(cfg: PriorConfig, codebook_size: int, num_classes: int) -> AutoregressivePrior:
-    if cfg.arch == "transformer":
-        return TransformerPrior(codebook_size, num_classes, conditional=cfg.conditional, d_model=cfg.d_model,
-                                heads=cfg.heads, kv_heads=cfg.kv_heads or cfg.heads, layers=cfg.layers,
-                                label_dropout=cfg.label_dropout, max_grid_side=cfg.max_grid_side)
-    model = GatedPixelCNN if cfg.arch == "gated" else PixelCNN
-    return model(codebook_size, num_classes, conditional=cfg.conditional, embed_dim=cfg.embed_dim,
-                 filters=cfg.filters, layers=cfg.layers, kernel_size=cfg.kernel_size)
+    return PRIORS[cfg.arch](cfg, codebook_size, num_classes)

@@ -21,7 +21,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from prior.codes import codes_npy
 from prior.models import build_prior
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
 from runtime.balance import class_allocation, train_class_counts
@@ -34,6 +33,7 @@ from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout, shard_name
+from shards.codes import codes_npy
 from shards.images import decode_rgb
 from vqvae.models import build_vqvae
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from prior.codes import CodeDecoder, code_histogram_kl, make_code_eval_loader
 from prior.models import build_prior
 from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
@@ -26,9 +25,18 @@ from runtime.lineage import begin_stage
 from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout
 from runtime.trainer import TrainPlan, train
+from shards.codes import CodeDecoder, make_code_eval_loader
 from shards.loader import ShardTrainData
 
 LN2 = math.log(2)
+
+
+def code_histogram_kl(data_counts: torch.Tensor, sample_counts: torch.Tensor, eps: float = 1e-6) -> float:
+    """KL(data || samples) in bits between two code histograms (smoothed so unseen codes stay finite)."""
+    p = data_counts.double() + eps
+    q = sample_counts.double() + eps
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * (p / q).log2()).sum())
 
 
 class PriorTask:

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prior.base import AutoregressivePrior, draw
-from runtime.config import ConfigError
 
 
 class KVCache:
@@ -156,7 +155,8 @@ class TransformerPrior(AutoregressivePrior):
         """(H·W)×d_model: row + column embedding of every position in raster order."""
         height, width = grid
         if max(height, width) > self.max_grid_side:
-            raise ValueError(f"code grid {height}x{width} exceeds prior.max_grid_side={self.max_grid_side}")
+            raise ValueError(f"code grid {height}x{width} exceeds max_grid_side={self.max_grid_side}, the "
+                             "largest side this prior has position embeddings for")
         return (self.row_embed.weight[:height, None] + self.col_embed.weight[None, :width]).flatten(0, 1)
 
     def _logits(self, x: Tensor, classes: Tensor, caches: list[KVCache] | None = None) -> Tensor:
@@ -182,12 +182,11 @@ class TransformerPrior(AutoregressivePrior):
         uncond + s·(cond − uncond) (s = 0: unconditional, s > 1: more class-typical)."""
         guided = guidance_scale != 1.0
         if guided and not self.conditional:
-            raise ConfigError(f"sample.guidance_scale={guidance_scale} needs a class-conditional prior "
-                              "(prior.conditional=true); allowed for this one: 1.0")
+            raise ValueError(f"guidance scale {guidance_scale} needs a class-conditional prior; this one is "
+                             "unconditional, allowed: 1.0")
         if guided and self.label_dropout == 0:
-            raise ConfigError(f"sample.guidance_scale={guidance_scale}: this prior was trained with "
-                              "prior.label_dropout=0, so its null class (the unconditional model) was never "
-                              "learned; train with prior.label_dropout > 0 or sample with guidance_scale=1.0")
+            raise ValueError(f"guidance scale {guidance_scale}: this prior was trained without label dropout, "
+                             "so its null class (the unconditional model) was never learned; allowed: 1.0")
         device = self.head.weight.device
         was_training = self.training
         self.eval()

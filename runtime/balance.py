@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from runtime.config import CLASSES, ClassBalance
 from runtime.errors import UserError
+from runtime.schema import ClassBalance
+from shards.config import CLASSES
 
 POWERS: dict[ClassBalance, float] = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}
 

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
     """Training stopped before an update that a NaN/Inf loss would have made (exit 3, not 2)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, with a message meant for the person who typed the command."""

@@ -1,7 +1,7 @@
 """One lineage: what a stage's outputs are made from, computed one way, checked by every stage.
 
-A stage's **identity** is a hash of (its name and manifest format, its config sections minus
-:data:`NOT_IN_IDENTITY`, the tokens of its upstream outputs, and for the data stage a content
+A stage's **identity** is a hash of (its name and manifest format, its config sections without the settings
+marked as changing no output (runtime/schema.py), the tokens of its upstream outputs, and for the data stage a content
 fingerprint of the input images). Never a path: a moved data set or run directory keeps its identity.
 A finished output's **token** is ``identity/content``, where ``content`` hashes the bytes it produced
 (shard and weights sha256), so two trainings of one config that ended with different weights are told
@@ -32,33 +32,10 @@ from runtime.ownership import (
     refuse_dangerous_output,
     write_marker,
 )
+from runtime.schema import identity_values
 from runtime.stages import MANIFEST, STAGE_NAMES, RunLayout, read_stage_manifest, stage, write_manifest
 
 log = get_logger(__name__)
-
-NOT_IN_IDENTITY = frozenset({
-    # How fast or how often, not what: never change an output byte.
-    "data.workers",
-    "vqvae_train.num_workers", "vqvae_train.log_every", "vqvae_train.eval_every", "vqvae_train.eval_batches",
-    "vqvae_train.checkpoint_every",
-    "prior_train.num_workers", "prior_train.log_every", "prior_train.eval_every", "prior_train.eval_batches",
-    "prior_train.checkpoint_every",
-    "classifier_train.num_workers", "classifier_train.log_every", "classifier_train.eval_every",
-    "classifier_train.eval_batches", "classifier_train.checkpoint_every",
-    "vqvae_train.prefetch_factor", "prior_train.prefetch_factor", "classifier_train.prefetch_factor",
-    "encode.num_tasks",  # one output per input shard, whichever task writes it
-    # Where the inputs are, not what they are: their content is in the data stage's input fingerprint.
-    "data.isic_images", "data.isic_csv",
-})
-
-ADDED_SETTINGS: dict[str, Any] = {
-    # Settings added after outputs were made, with the value that reproduces those outputs: at that value a
-    # setting is left out of the identity, so upgrading lesion-vq never makes a finished stage stale.
-    "vqvae_train.adversarial.ramp_steps": 0,
-    "encode.train_views": 1,
-    "vqvae_train.gpu_path": "auto", "prior_train.gpu_path": "auto", "classifier_train.gpu_path": "auto",
-}
-
 
 class LineageError(UserError):
     """Inputs that do not belong together (or to this config)."""
@@ -69,22 +46,11 @@ def _digest(obj: Any) -> str:
 
 
 def settings(cfg: Any, name: str) -> dict[str, Any]:
-    """The config values a stage's outputs depend on, as ``{"section.key": value}`` (nested sections as dicts),
-    without :data:`NOT_IN_IDENTITY` and without :data:`ADDED_SETTINGS` at their old-behaviour values."""
-    out = {f"{section}.{key}": value for section in stage(name).sections
-           for key, value in getattr(cfg, section).model_dump(mode="json").items()
-           if f"{section}.{key}" not in NOT_IN_IDENTITY}
-    for dotted, old_value in ADDED_SETTINGS.items():
-        section, key, *inner = dotted.split(".")
-        holder, last = out, f"{section}.{key}"
-        for part in inner:  # down into a nested section (vqvae_train.adversarial.ramp_steps)
-            holder, last = holder.get(last), part
-            if not isinstance(holder, dict):
-                break
-        else:
-            if last in holder and holder[last] == old_value:
-                del holder[last]
-    return out
+    """The config values a stage's outputs depend on, as ``{"section.key": value}`` (nested sections as dicts):
+    what :func:`runtime.schema.identity_values` keeps of each of its sections (fields marked as changing no
+    output, and added settings at their old-behaviour value, are left out)."""
+    return {f"{section}.{key}": value for section in stage(name).sections
+            for key, value in identity_values(getattr(cfg, section)).items()}
 
 
 def identity(cfg: Any, name: str, upstream: dict[str, str], inputs: Any = None) -> str:
@@ -104,7 +70,8 @@ def token(manifest: dict[str, Any]) -> str:
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every setting that differs (for messages)."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old[k]!r} -> (not a setting of this kind: no longer part of the identity)" if k not in new
+            else f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def expected_identity(cfg: Any, name: str, manifest: dict[str, Any]) -> str:

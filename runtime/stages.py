@@ -27,7 +27,7 @@ class Stage:
     """``python -m MODULE --config C`` runs one task of it (training stages: under ``accelerate launch``)."""
     kind: StageKind
     sections: tuple[str, ...]
-    """Config sections its outputs depend on (minus :data:`runtime.lineage.NOT_IN_IDENTITY`)."""
+    """Config sections its outputs depend on (without the fields marked NOT_IN_IDENTITY, runtime/schema.py)."""
     upstream: tuple[str, ...]
     resources: str
     """Attribute of ``cfg.cluster`` holding its Slurm resources."""
@@ -36,6 +36,8 @@ class Stage:
     """For array stages: the config key holding the number of tasks."""
     always_rerun: bool = False
     """Cheap summaries of everything else (the report): never up to date, never part of a lineage."""
+    format_change: str = ""
+    """Why outputs of the previous manifest format are re-made (said when such a run is planned)."""
 
     @property
     def script(self) -> str:
@@ -62,7 +64,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("encode", "codes", "vqvae.encode", "array", ("encode",), ("vqvae", "data"), "encode",
           "lesion-vq/code-shards/v1", array_size="encode.num_tasks"),
     Stage("prior", "prior", "prior.train", "training", ("prior", "prior_train"), ("encode",), "train_prior",
-          "lesion-vq/prior/v2"),
+          "lesion-vq/prior/v3", format_change="a prior's identity now hashes only its own arch's settings (v2 hashed "
+          "every arch's: a transformer's identity held PixelCNN-only settings), so earlier priors are re-made once"),
     Stage("sample", "samples", "prior.sample", "array", ("sample",), ("prior", "vqvae", "encode"), "sample",
           "lesion-vq/sample-shards/v2", array_size="sample.num_tasks"),
     Stage("classifier", "classifier", "judge.train", "training", ("classifier", "classifier_train"), ("data",),

@@ -40,7 +40,7 @@ from runtime.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from runtime.config import OptimConfig, RunConfig
+from runtime.config import RunConfig
 from runtime.errors import NonFiniteLossError
 from runtime.files import sha256_file
 from runtime.lineage import StageRun
@@ -49,6 +49,7 @@ from runtime.process import exclusive_lock
 from runtime.seeding import seed_everything
 from runtime.signals import StopRequest
 from runtime.tracking import RunLogger
+from runtime.train_config import OptimConfig
 
 log = get_logger(__name__)
 

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.cli import EXIT_USAGE, os_error_line
-from runtime.config import CLASSES, ConfigError, DataConfig, add_config_args, config_from_args
+from runtime.config import CLASSES, ConfigError, add_config_args, config_from_args
 from runtime.errors import UserError
 from runtime.files import naming, remove_stale_temps
 from runtime.stages import SPLITS
+from shards.config import DataConfig
 from shards.ingest import summarise
 from shards.loader import split_manifest
 from shards.manifest import CODE_FORMAT, read_manifest, verify_shards

@@ -1,5 +1,4 @@
-"""Code shards (written by vqvae/encode.py and prior/sample.py): writing and checked reading of code grids,
-and comparing code histograms."""
+"""Code shards (written by vqvae/encode.py and prior/sample.py): storing code grids and their checked reading."""
 
 from __future__ import annotations
 
@@ -82,11 +81,3 @@ class CodeDecoder:
 
 def make_code_eval_loader(split_dir: Path, *, batch_size: int, max_batches: int | None = None) -> DataLoader:
     return make_eval_loader(split_dir, batch_size=batch_size, max_batches=max_batches, decode=CodeDecoder())
-
-
-def code_histogram_kl(data_counts: torch.Tensor, sample_counts: torch.Tensor, eps: float = 1e-6) -> float:
-    """KL(data || samples) in bits between two code histograms (smoothed so unseen codes stay finite)."""
-    p = data_counts.double() + eps
-    q = sample_counts.double() + eps
-    p, q = p / p.sum(), q / q.sum()
-    return float((p * (p / q).log2()).sum())

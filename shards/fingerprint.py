@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.config import DataConfig
 from runtime.errors import UserError
 from runtime.files import sha256_file
 from runtime.lineage import content_digest
 from runtime.ownership import MARKER
+from shards.config import DataConfig
 
 
 def input_fingerprint(cfg: DataConfig) -> str:

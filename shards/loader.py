@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from runtime.config import CLASSES, ConfigError, OptimConfig
+from runtime.errors import ConfigError
 from runtime.log import get_logger
 from runtime.process import die_with_parent
 from runtime.seeding import torch_generator
+from runtime.train_config import OptimConfig
+from shards.config import CLASSES
 from shards.images import ImageRejected, open_image
 from shards.manifest import ManifestError, read_manifest, shard_paths, verify_shards
 from shards.stream import SampleDecoder, SampleRefused, ShardStream, collate, steps_per_epoch

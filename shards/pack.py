@@ -25,13 +25,14 @@ from typing import Any, BinaryIO
 import webdataset as wds
 from tqdm import tqdm
 
-from runtime.config import CLASSES, ConfigError, DataConfig
+from runtime.errors import ConfigError
 from runtime.files import TMP_MARK, atomic_write_json, naming, remove_stale_temps
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.ownership import OwnershipError, refuse_dangerous_output
 from runtime.seeding import derive_seed, numpy_rng
 from runtime.stages import MANIFEST, SHARD_PATTERN, SPLITS
+from shards.config import CLASSES, DataConfig
 from shards.encode import Encoded, Job, encode_job
 from shards.fingerprint import input_fingerprint
 from shards.ingest import ingest, summarise

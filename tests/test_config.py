@@ -63,11 +63,12 @@ def test_overrides_are_typed_and_nested() -> None:
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("vqvae_train.batch_size=0", "vqvae_train.batch_size: Input should be greater than 0"),
-    ("vqvae.quantizer.codebook_size=1", "vqvae.quantizer.ema.codebook_size: Input should be greater than or equal"),
+    ("vqvae.quantizer.codebook_size=1", "vqvae.quantizer.codebook_size: Input should be greater than or equal"),
     ("vqvae_train.lr=fast", "vqvae_train.lr: Input should be a valid number"),
     ("data.image_size=70", "not divisible by the VQ-VAE down-sampling factor 4"),
     ("vqvae.quantizer.kind=kmeans", "vqvae.quantizer.kind: unknown kind 'kmeans'; allowed: ema, loss, fsq"),
-    ("vqvae.nope=1", "unknown config key 'vqvae.nope': 'nope' is not in vqvae; allowed: arch, channels"),
+    ("vqvae.nope=1",
+     "unknown config key 'vqvae.nope': 'nope' is not in vqvae (arch improved); allowed: arch, channels"),
     ("nope.x=1", "'nope' is not in the top level; allowed:"),
     ("batch_size", "is not of the form key=value"),
 ])

@@ -46,7 +46,8 @@ def _assert_clean_usage_error(result: subprocess.CompletedProcess[str], *needles
     (["data.image_size=8"], ["data.image_size: Input should be greater than or equal to 16"]),
     (["vqvae.arch=seed", "vqvae.channels=[16,24]", "vqvae.code_dim=16"], ["vqvae.code_dim=16 must"]),
     (["data.source=isic"], ["data.source=isic needs data.isic_images"]),
-    (["prior_train.lr=-1", "encode.num_tasks=0", "vqvae.kernel=3"], ["'kernel' is not in vqvae; allowed: arch,"]),
+    (["prior_train.lr=-1", "encode.num_tasks=0", "vqvae.kernel=3"],
+     ["'kernel' is not in vqvae (arch improved); allowed: arch,"]),
     (["prior_train.lr=-1", "encode.num_tasks=0"], ["prior_train.lr: Input should be greater than 0",
                                                    "encode.num_tasks: Input should be greater than 0"]),
 ])
@@ -63,7 +64,7 @@ def test_pipeline_cli_reports_every_bad_value_at_once_and_starts_nothing(tmp_pat
     result = _cli(sys.executable, "launch/pipeline.py", f"run_dir={run_dir}", "vqvae_train.batch_size=0",
                   "vqvae.quantizer.codebook_size=1", "prior.filters=many")
     _assert_clean_usage_error(result, "vqvae_train.batch_size: Input should be greater than 0",
-                              "vqvae.quantizer.ema.codebook_size: Input should be greater than or equal to 2",
+                              "vqvae.quantizer.codebook_size: Input should be greater than or equal to 2",
                               "prior.filters: Input should be a valid integer")
     assert not run_dir.exists()
 

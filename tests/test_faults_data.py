@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.config import CLASSES, DataConfig
 from runtime.ownership import OwnershipError
+from shards.config import CLASSES, DataConfig
 from shards.images import MAX_PIXELS
 from shards.manifest import read_manifest, verify_shards
 from shards.pack import pack_isic

@@ -36,9 +36,9 @@ import webdataset as wds
 from helpers import REPO, stage_env, tiny_config
 from PIL import Image
 
-from runtime.config import CLASSES, DataConfig
 from runtime.files import atomic_write_json
 from runtime.launcher import accelerate_command
+from shards.config import CLASSES, DataConfig
 from shards.images import array_to_jpeg
 from shards.manifest import CODE_FORMAT, FORMAT, describe_shard, read_manifest
 from shards.synth import render_lesion
@@ -177,7 +177,7 @@ def _code_manifest(k: int, grid: int) -> dict[str, Any]:
 def test_code_decoder_checks_codes_grid_and_class_against_the_manifest_for_any_integer_dtype(tmp_path: Path) -> None:
     """Old code: codes >= K and negative codes reached the prior's embedding (IndexError), a 5x4 grid broke
     batching, class 99 was a label."""
-    from prior.codes import make_code_eval_loader
+    from shards.codes import make_code_eval_loader
 
     k, grid = 16, 4
     rng = np.random.default_rng(0)
@@ -307,7 +307,7 @@ def test_one_hot_class_values_outside_0_1_are_skipped_with_the_values_named(tmp_
 
 def test_code_shards_use_the_smallest_integer_dtype_holding_the_codebook() -> None:
     """Old code wrote int16 whatever the codebook size."""
-    from prior.codes import code_dtype, codes_npy
+    from shards.codes import code_dtype, codes_npy
 
     sizes = (2, 256, 257, 32768, 32769, 65536, 65537)
     assert [code_dtype(k) for k in sizes] == [np.uint8, np.uint8, np.int16, np.int16, np.uint16, np.uint16, np.int32]

@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import EpsImagePlugin, Image
 
-from runtime.config import DataConfig
+from shards.config import DataConfig
 from shards.images import ACCEPTED_FORMATS, ImageRejected, decode_rgb, load_rgb, open_image, read_image_file
 from shards.loader import ImageDecoder, decode_on_device
 from shards.stream import SampleRefused

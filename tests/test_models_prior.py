@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prior.config import GatedPriorConfig, PixelCNNPriorConfig, PriorConfig
 from prior.models import AutoregressivePrior, build_prior
-from runtime.config import PriorConfig, build_config
+from runtime.config import build_config
 
 K, SIDE, CLASSES = 16, 8, 3
 # layers · (kernel // 2) ≥ SIDE − 1, so the gated model's receptive field covers the whole grid.
-GATED = PriorConfig(arch="gated", filters=16, layers=4, kernel_size=5, embed_dim=8, conditional=True)
-MASKED = PriorConfig(arch="pixelcnn", filters=16, layers=3, kernel_size=3, embed_dim=8, conditional=False)
+GATED = GatedPriorConfig(filters=16, layers=4, kernel_size=5, embed_dim=8, conditional=True)
+MASKED = PixelCNNPriorConfig(filters=16, layers=3, kernel_size=3, embed_dim=8, conditional=False)
 
 
 def _model(cfg: PriorConfig) -> AutoregressivePrior:

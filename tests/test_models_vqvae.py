@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from runtime.config import EMAQuantizerConfig, VQVAEConfig, build_config
+from runtime.config import build_config
+from vqvae.config import EMAQuantizerConfig, ImprovedVQVAEConfig
 from vqvae.models import build_vqvae, count_parameters
 from vqvae.quantizers import VectorQuantizer
 
@@ -78,8 +79,8 @@ def test_seed_code_layout_is_depth_to_space_and_encode_decode_agree_with_forward
 
 
 # ----- improved architecture -----------------------------------------------------------------------
-SMALL = VQVAEConfig(arch="improved", channels=[16, 32], res_blocks=1, code_dim=8,
-                    quantizer=EMAQuantizerConfig(codebook_size=32))
+SMALL = ImprovedVQVAEConfig(channels=[16, 32], res_blocks=1, code_dim=8,
+                            quantizer=EMAQuantizerConfig(codebook_size=32))
 
 
 def test_improved_shapes_and_encode_decode() -> None:

@@ -18,20 +18,18 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from prior.codes import CodeDecoder, code_dtype, codes_npy
+from prior.config import GatedPriorConfig
 from prior.models import build_prior
-from runtime.config import (
+from runtime.config import ConfigError, build_config, load_config, save_config
+from shards.codes import CodeDecoder, code_dtype, codes_npy
+from vqvae.config import (
     QUANTIZER_CONFIGS,
-    ConfigError,
     EMAQuantizerConfig,
     FSQQuantizerConfig,
+    ImprovedVQVAEConfig,
     LossQuantizerConfig,
-    PriorConfig,
     QuantizerConfig,
-    VQVAEConfig,
-    build_config,
-    load_config,
-    save_config,
+    parse_vqvae_config,
 )
 from vqvae.models import build_vqvae
 from vqvae.quantizers import QUANTIZERS, Quantizer, build_quantizer
@@ -102,8 +100,8 @@ def test_straight_through_gradients_reach_the_input(name: str) -> None:
 @pytest.mark.parametrize("arch", ["improved", "seed"])
 def test_vqvae_encode_decode_of_a_code_grid(kind: str, arch: str) -> None:
     channels, code_dim = ([8, 16], 8) if arch == "improved" else ([8, 16], 4)  # seed: 16 / 4 = 2x2 codes
-    cfg = VQVAEConfig(arch=arch, channels=channels, res_blocks=1, code_dim=code_dim,
-                      quantizer=QUANTIZER_CONFIGS[kind]())
+    cfg = parse_vqvae_config({"arch": arch, "channels": channels, "code_dim": code_dim,
+                              "quantizer": QUANTIZER_CONFIGS[kind]().model_dump()})
     torch.manual_seed(0)
     model = build_vqvae(cfg)
     x = torch.rand(3, 3, 16, 16)
@@ -123,8 +121,8 @@ def test_fsq_codebook_sizes_end_to_end(levels: list[int]) -> None:
     """All codes of the implicit codebook are distinct vectors, code grids survive the code-shard format, a
     prior predicts every code, and a drawn grid decodes to images."""
     k = math.prod(levels)
-    cfg = VQVAEConfig(arch="improved", channels=[8, 16], res_blocks=0, code_dim=len(levels),
-                      quantizer=FSQQuantizerConfig(levels=levels))
+    cfg = ImprovedVQVAEConfig(channels=[8, 16], res_blocks=0, code_dim=len(levels),
+                              quantizer=FSQQuantizerConfig(levels=levels))
     assert cfg.codebook_size == k
     torch.manual_seed(0)
     model = build_vqvae(cfg).eval()
@@ -141,7 +139,7 @@ def test_fsq_codebook_sizes_end_to_end(levels: list[int]) -> None:
         assert stored.dtype == code_dtype(k) == (np.int16 if k <= 2**15 else np.uint16)
         assert torch.equal(decoder("key", {"codes.npy": blob, "cls": b"3"}, 0)["codes"], code)
 
-    prior = build_prior(PriorConfig(arch="gated", filters=8, layers=1, kernel_size=3, embed_dim=4), k, 7).eval()
+    prior = build_prior(GatedPriorConfig(filters=8, layers=1, kernel_size=3, embed_dim=4), k, 7).eval()
     with torch.no_grad():
         assert prior(codes, torch.tensor([0, 1])).shape == (2, k, *grid)
         drawn = prior.sample(1, grid, torch.tensor([2]), 1.0, torch.Generator().manual_seed(0))

@@ -216,7 +216,7 @@ def test_a_reader_reads_only_its_own_samples_bytes(synth_shards):
 def test_images_decoded_on_the_device_equal_the_worker_path(synth_shards):
     """The GPU path (workers hand over JPEG bytes and augmentation draws; the training process decodes the batch
     and augments it) gives the worker path's pixels; exercised here on the CPU device."""
-    from runtime.config import OptimConfig
+    from runtime.train_config import OptimConfig
     from shards.loader import ShardTrainData
 
     def data(decode_on: str) -> ShardTrainData:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.config import DataConfig
 from shards.__main__ import main
+from shards.config import DataConfig
 from shards.manifest import ManifestError, read_manifest, verify_shards
 from shards.pack import pack_isic
 
@@ -72,7 +72,7 @@ def test_modified_shard_is_caught_and_rerun_rebuilds(pack_synth, tmp_path):
 
 _KILL_SCRIPT = """
 import sys
-from runtime.config import DataConfig
+from shards.config import DataConfig
 from shards.pack import pack_synthetic
 pack_synthetic(DataConfig(num_images=4000, image_size=64, shard_max_count=40, workers=1), sys.argv[1])
 """

@@ -25,15 +25,16 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
-from prior.codes import codes_npy
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, config_from_args
 from runtime.files import atomic_path
+from runtime.integrity import stage_weights
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.stages import MANIFEST, SPLITS, RunLayout, write_manifest
+from shards.codes import codes_npy
 from shards.loader import ImageDecoder, declared, split_manifest
 from shards.manifest import CODE_FORMAT, ManifestError, read_manifest, sample_offsets
 from shards.stream import SampleRefused, ShardStream, collate
@@ -147,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     data_dir = layout.stage_dir("data")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_vqvae(cfg.vqvae)
-    load_weights(model, layout.stage_dir("vqvae") / run.manifests["vqvae"]["weights"])
+    load_weights(model, stage_weights(layout.stage_dir("vqvae"), run.manifests["vqvae"]))
     model.to(device).eval()
     image_size = declared(data_dir, run.manifests["data"], "image_size", 1)
     if image_size != cfg.data.image_size:  # the lineage check compares settings, not this manifest value

@@ -21,13 +21,14 @@ that none of the layers it describes account for. :func:`count_parameters` count
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
-from runtime.config import VQVAEConfig
 from vqvae.blocks import improved_decoder, improved_encoder, seed_decoder, seed_encoder
+from vqvae.config import ImprovedVQVAEConfig, SeedVQVAEConfig, VQVAEConfig
 from vqvae.quantizers import Quantizer, VectorQuantizer, build_quantizer
 
 
@@ -107,20 +108,23 @@ class VQVAE(nn.Module):
         return grid.view(b, hr // r, r, wr // r, r).permute(0, 1, 3, 2, 4).reshape(b, hr // r, wr // r, r * r)
 
 
+def _improved(cfg: ImprovedVQVAEConfig, quantizer: Quantizer) -> VQVAE:
+    return VQVAE(improved_encoder(cfg.channels, cfg.res_blocks, cfg.code_dim),
+                 improved_decoder(cfg.channels, cfg.res_blocks, cfg.code_dim), quantizer, cfg.downsample_factor,
+                 codes_per_side=1)
+
+
+def _seed(cfg: SeedVQVAEConfig, quantizer: Quantizer) -> VQVAE:
+    return VQVAE(seed_encoder(cfg.channels), seed_decoder(cfg.channels), quantizer, cfg.downsample_factor,
+                 codes_per_side=cfg.codes_per_side)
+
+
+ARCHS: dict[str, Callable[[Any, Quantizer], VQVAE]] = {"improved": _improved, "seed": _seed}
+"""VQ-VAE arch (vqvae.config.VQVAE_CONFIGS) -> builder from its settings and a built quantizer."""
+
+
 def build_vqvae(cfg: VQVAEConfig) -> VQVAE:
-    quantizer = build_quantizer(cfg.quantizer, cfg.code_dim)
-    downsample = 2 ** len(cfg.channels)
-    if cfg.arch == "improved":
-        return VQVAE(improved_encoder(cfg.channels, cfg.res_blocks, cfg.code_dim),
-                     improved_decoder(cfg.channels, cfg.res_blocks, cfg.code_dim),
-                     quantizer, downsample, codes_per_side=1)
-    per_position, remainder = divmod(cfg.channels[-1], cfg.code_dim)
-    side = math.isqrt(per_position)
-    if remainder or side * side != per_position:
-        raise ValueError(f"seed arch: last encoder width {cfg.channels[-1]} / code_dim {cfg.code_dim} "
-                         "must be a perfect square (codes per position are laid out r×r on the code grid)")
-    return VQVAE(seed_encoder(cfg.channels), seed_decoder(cfg.channels), quantizer, downsample,
-                 codes_per_side=side)
+    return ARCHS[cfg.arch](cfg, build_quantizer(cfg.quantizer, cfg.code_dim))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Quantizers behind one interface (:class:`Quantizer`), one module per kind, built by kind name.
 
-``QUANTIZERS`` maps each kind of ``runtime.config.QUANTIZER_CONFIGS`` to a builder taking that kind's
+``QUANTIZERS`` maps each kind of ``vqvae.config.QUANTIZER_CONFIGS`` to a builder taking that kind's
 settings and the vector width ``code_dim``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from runtime.config import EMAQuantizerConfig, FSQQuantizerConfig, LossQuantizerConfig, QuantizerConfig
+from vqvae.config import EMAQuantizerConfig, FSQQuantizerConfig, LossQuantizerConfig, QuantizerConfig
 from vqvae.quantizers.base import Quantizer, QuantizerOutput
 from vqvae.quantizers.codebook import VectorQuantizer
 from vqvae.quantizers.fsq import FSQuantizer
