@@ -2,6 +2,7 @@
 
     python -m bench all [--quick] [--out DIR]      # every benchmark, one table
     python -m bench {data,scaling,train,ddp,encode,sample,memory} [--quick] [--out DIR]
+    python -m bench gpu [--minutes 8] [--out DIR]     # the GPU path proven and measured (docs/gpu.md)
 
 Writes ``<host>-<device>.md`` (table) and ``.json`` (rows + machine) to DIR (default
 ``bench/results/``); every row has a ratio to its baseline row. ``all`` runs each benchmark in its
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench.quality import main as quality
 
         return quality(argv[1:])
+    if argv[:1] == ["gpu"]:  # every GPU fact in one command, each group of rows in its own process: not in `all`
+        from bench.gpu import main as gpu
+
+        raise SystemExit(gpu(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="tiny inputs: seconds per benchmark (smoke test)")
