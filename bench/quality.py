@@ -264,6 +264,7 @@ def _grids(root: Path, variants: list[str], count: int = 8) -> None:
     from runtime.checkpoint import load_weights
     from runtime.config import load_config
     from runtime.images import save_grid
+    from runtime.integrity import stage_weights, verified_file
     from shards.images import decode_rgb
     from shards.loader import make_eval_loader
     from vqvae.models import build_vqvae
@@ -277,14 +278,16 @@ def _grids(root: Path, variants: list[str], count: int = 8) -> None:
         cfg = load_config(root / name / "config.json")
         model = build_vqvae(cfg.vqvae).eval()
         manifest = json.loads((root / name / "vqvae" / "manifest.json").read_text())
-        load_weights(model, root / name / "vqvae" / manifest["weights"])
+        load_weights(model, stage_weights(root / name / "vqvae", manifest))
         with torch.no_grad():
             rows.append(model(batch["image"]).recon.clamp(0, 1))
     save_grid(torch.cat(rows), out / "reconstructions.png", nrow=count, row_labels=["real", *tokenizers])
     for name in ("ham128", "ham128-gated", *variants):
         manifest = json.loads((root / name / "samples" / "manifest.json").read_text())
         by_class: dict[int, list[torch.Tensor]] = {c: [] for c in range(len(CLASSES))}
-        shards = [str(root / name / "samples" / s["name"]) for s in manifest["shards"]]
+        folder = root / name / "samples"
+        shards = [str(verified_file(folder, s.get("name"), s.get("sha256"), manifest=folder / "manifest.json"))
+                  for s in manifest["shards"]]
         for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
             pixels = np.array(decode_rgb(sample["png"], f"{sample['__url__']}: {sample['__key__']}"))
             by_class[int(sample["cls"])].append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)

@@ -47,6 +47,7 @@ from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
+from runtime.integrity import stage_weights, verified_file
 from runtime.lineage import begin_stage, completed_inputs, content_digest, token
 from runtime.log import get_logger
 from runtime.ownership import MARKER, OwnershipError, foreign_entries, read_marker, write_marker
@@ -74,16 +75,18 @@ def _models(cfg: RunConfig, manifests: dict[str, dict[str, Any]]) -> tuple[Lesio
     """The run's trained classifier and VQ-VAE, in eval mode."""
     layout = RunLayout.of(cfg)
     classifier = build_classifier(cfg.classifier, len(CLASSES))
-    load_weights(classifier, layout.stage_dir("classifier") / manifests["classifier"]["weights"])
+    load_weights(classifier, stage_weights(layout.stage_dir("classifier"), manifests["classifier"]))
     vqvae = build_vqvae(cfg.vqvae)
-    load_weights(vqvae, layout.stage_dir("vqvae") / manifests["vqvae"]["weights"])
+    load_weights(vqvae, stage_weights(layout.stage_dir("vqvae"), manifests["vqvae"]))
     return classifier.eval(), vqvae.eval()
 
 
 def _samples(cfg: RunConfig, manifest: dict[str, Any], classifier: LesionClassifier) -> tuple[torch.Tensor, ...]:
     """The prior's decoded samples (png members, never unpickled): (features, class guessed, class drawn for)."""
     layout = RunLayout.of(cfg)
-    shards = [str(layout.stage_dir("sample") / s["name"]) for s in manifest["shards"]]
+    folder = layout.stage_dir("sample")
+    shards = [str(verified_file(folder, s.get("name"), s.get("sha256"), manifest=folder / "manifest.json"))
+              for s in manifest["shards"]]
     images, labels = [], []
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
         images.append(_pixels(sample["png"], f"{sample['__url__']}: {sample['__key__']}"))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from runtime.config import RunConfig
 from runtime.errors import UserError
 from runtime.files import atomic_write_json, read_json
+from runtime.integrity import recorded_problems
 from runtime.lineage import identity, mismatch_reason, token
 from runtime.ownership import MARKER, OwnershipError, foreign_entries, move_aside, read_marker
 from runtime.stages import MANIFEST, STAGES, RunLayout, Stage, read_manifest, read_stage_manifest
@@ -73,13 +74,21 @@ def _earlier_format(folder: Path, spec: Stage) -> str:
             f"{': ' + spec.format_change if spec.format_change else ''})")
 
 
-def _history_match(layout: RunLayout, spec: Stage, ident: str) -> tuple[Path, dict[str, Any]] | None:
+def _history_match(layout: RunLayout, spec: Stage, ident: str) -> tuple[Path | None, str]:
+    """A complete, intact folder of ``ident`` kept in .history/ (None if there is none), and why the kept
+    folders of ``ident`` that were found cannot be restored ("" if none was refused)."""
     history = layout.root / ".history"
+    refused = ""
     for candidate in sorted(history.glob(f"{spec.folder}@{ident}*")) if history.is_dir() else []:
         manifest = _complete(candidate, spec.name)
-        if manifest is not None and manifest.get("identity") == ident and read_marker(candidate) is not None:
-            return candidate, manifest
-    return None
+        if candidate.is_symlink() or manifest is None or manifest.get("identity") != ident \
+                or read_marker(candidate) is None:
+            continue
+        damaged = recorded_problems(candidate, manifest, limit=1)  # restored only as it was recorded
+        if not damaged:
+            return candidate, ""
+        refused = f"; the outputs kept in {candidate} cannot be restored ({damaged[0]})"
+    return None, refused
 
 
 def _data_fingerprint(cfg: RunConfig) -> str:
@@ -136,13 +145,18 @@ def _step(cfg: RunConfig, spec: Stage, folder: Path, current: dict[str, Any] | N
     upstream = {u: str(tokens[u]) for u in spec.upstream}
     ident = identity(cfg, spec.name, upstream, _data_fingerprint(cfg) if spec.name == "data" else None)
     forced_now = spec.name in forced
+    damaged: list[str] = []
     if marker is not None and old_label == ident and not forced_now:
         if current is not None and current.get("identity") == ident:
-            return Step(spec, "skip", "up to date", ident)
-        if has_outputs:
+            damaged = recorded_problems(folder, current, limit=1)  # "up to date" only as it was recorded
+            if not damaged:
+                return Step(spec, "skip", "up to date", ident)
+        elif has_outputs:
             return Step(spec, "resume", "unfinished outputs of these settings are continued", ident)
     if forced_now:
         reason = "forced (--from/--only)"
+    elif damaged:
+        reason = f"its files changed after they were made ({damaged[0]})"
     elif current is not None:
         reason = f"changed since it was made ({mismatch_reason(cfg, spec.name, current)})"
     elif has_outputs:
@@ -150,10 +164,10 @@ def _step(cfg: RunConfig, spec: Stage, folder: Path, current: dict[str, Any] | N
     else:
         reason = "not made yet"
     keep = old_label if has_outputs else None
-    match = None if forced_now else _history_match(layout, spec, ident)
-    if match is not None:
-        return Step(spec, "restore", reason + "; outputs of these settings were kept", ident, keep, match[0])
-    return Step(spec, "run", reason, ident, keep)
+    kept, refused = (None, "") if forced_now else _history_match(layout, spec, ident)
+    if kept is not None:
+        return Step(spec, "restore", reason + "; outputs of these settings were kept", ident, keep, kept)
+    return Step(spec, "run", reason + refused, ident, keep)
 
 
 def prepare(layout: RunLayout, step: Step) -> Path | None:

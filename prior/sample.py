@@ -29,6 +29,7 @@ from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, ConfigError, RunConfig, config_from_args
 from runtime.files import atomic_path
 from runtime.images import save_grid
+from runtime.integrity import stage_weights
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.seeding import torch_generator
@@ -44,9 +45,9 @@ def load_models(cfg: RunConfig, run: StageRun, device: torch.device) -> tuple[to
     """The VQ-VAE decoder and the prior this stage's lineage checks approved (runtime/lineage.py)."""
     layout = RunLayout.of(cfg)
     vqvae = build_vqvae(cfg.vqvae)
-    load_weights(vqvae, layout.stage_dir("vqvae") / run.manifests["vqvae"]["weights"])
+    load_weights(vqvae, stage_weights(layout.stage_dir("vqvae"), run.manifests["vqvae"]))
     prior = build_prior(cfg.prior, int(run.manifests["prior"]["codebook_size"]), len(CLASSES))
-    load_weights(prior, layout.stage_dir("prior") / run.manifests["prior"]["weights"])
+    load_weights(prior, stage_weights(layout.stage_dir("prior"), run.manifests["prior"]))
     return vqvae.to(device).eval(), prior.to(device).eval()
 
 

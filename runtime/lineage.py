@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
+from runtime.integrity import recorded_problems
 from runtime.log import get_logger
 from runtime.ownership import (
     MARKER,
@@ -134,6 +135,9 @@ def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
                 f"{folder} was made with other settings than this config ({mismatch_reason(cfg, up, manifest)}); "
                 f"refusing to use it for {name}. Rerun {up} first (python launch/pipeline.py re-makes what "
                 "changed), or use the config it was made with")
+        damaged = recorded_problems(folder, manifest, limit=1)  # weights / shards: the bytes that were recorded
+        if damaged:
+            raise LineageError(f"{name}: its input {up} cannot be trusted: {damaged[0]}")
         manifests[up], tokens[up] = manifest, token(manifest)
         for ancestor, value in {**manifest.get("lineage", {}), up: token(manifest)}.items():
             if lineage.setdefault(ancestor, value) != value:

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, stage_env, tiny_config
 
+from runtime.config import RunConfig, load_config
 from runtime.integrity import IntegrityError, recorded_problems, stage_weights, verified_file
+from runtime.lineage import LineageError, begin_stage
+from runtime.stages import STAGE_NAMES, RunLayout
 
 
 def _stage(tmp_path: Path, payload: bytes = b"weights") -> tuple[Path, dict]:
@@ -76,3 +83,107 @@ def test_split_shards_checked(tmp_path: Path) -> None:
     (folder / "train" / "shard-000000.tar").write_bytes(b"tampered")
     assert "not the file" in recorded_problems(folder, manifest)[0]
     assert "refusing to follow" in recorded_problems(folder, {"splits": {"../x": {}}})[0]
+
+
+# ----- a tiny finished run (every stage), shared by the tests below; each attacks its own copy ---------------
+def _pipeline(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(config), *args], cwd=REPO,
+                          env=stage_env(), capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("recorded") / "run"
+    tiny_config(run_dir)
+    result = _pipeline(run_dir / "config.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def run(finished: Path, tmp_path: Path) -> tuple[Path, RunConfig]:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy, symlinks=True)
+    return copy, load_config(copy / "config.json")
+
+
+def _actions(cfg: RunConfig) -> dict[str, tuple[str, str]]:
+    from launch.plan import make_plan
+
+    return {s.stage.name: (s.action, s.reason) for s in make_plan(cfg, list(STAGE_NAMES), set())}
+
+
+def _edit_manifest(folder: Path, **changes: object) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+@pytest.mark.slow
+def test_intact_run_is_up_to_date(run: tuple[Path, RunConfig]) -> None:
+    actions = _actions(run[1])
+    assert all(action == "skip" for name, (action, _) in actions.items() if name != "report"), actions
+
+
+@pytest.mark.slow
+def test_checkpoint_copied_over_final_weights_is_remade_and_refused_downstream(run: tuple[Path, RunConfig]) -> None:
+    run_dir, cfg = run
+    final = run_dir / "vqvae" / "final" / "model.safetensors"
+    earliest = sorted((run_dir / "vqvae" / "checkpoints").glob("step-*"))[0]
+    shutil.copyfile(earliest / "model.safetensors", final)
+    actions = _actions(cfg)
+    assert actions["vqvae"][0] == "run" and "changed after they were made" in actions["vqvae"][1], actions["vqvae"]
+    assert all(actions[name][0] == "run" for name in ("encode", "prior", "sample", "evaluate"))
+    with pytest.raises(LineageError, match="input vqvae cannot be trusted"):
+        begin_stage(cfg, "encode")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["../prior/final/model.safetensors", "/etc/hostname", "final/../../config.json"])
+def test_weights_path_outside_the_stage_folder_refused_by_every_consumer(run: tuple[Path, RunConfig],
+                                                                         weights: str) -> None:
+    run_dir, cfg = run
+    _edit_manifest(run_dir / "vqvae", weights=weights)
+    for consumer in ("encode", "sample", "evaluate"):
+        with pytest.raises(LineageError, match="refusing to follow"):
+            begin_stage(cfg, consumer)
+    assert _actions(cfg)["vqvae"][0] == "run"
+    with pytest.raises(IntegrityError):  # and the loader's own helper, whatever called it
+        stage_weights(run_dir / "vqvae", json.loads((run_dir / "vqvae" / "manifest.json").read_text()))
+
+
+@pytest.mark.slow
+def test_tampered_sample_shard_refused_by_evaluate(run: tuple[Path, RunConfig]) -> None:
+    run_dir, cfg = run
+    shard = sorted((run_dir / "samples").glob("shard-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte inside a sample
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LineageError, match="input sample cannot be trusted"):
+        begin_stage(cfg, "evaluate")
+
+
+@pytest.mark.slow
+def test_restore_from_history_verifies_what_it_restores(run: tuple[Path, RunConfig]) -> None:
+    """Keep the prior aside (other settings), damage the kept weights, go back: re-made, not 'restored'."""
+    run_dir, cfg = run
+    from launch.plan import make_plan, prepare
+
+    other = load_config(run_dir / "config.json", ["prior_train.lr=0.0037"])
+    for step in make_plan(other, ["prior"], set()):
+        prepare(RunLayout.of(other), step)  # moves the prior's outputs to .history/prior@IDENTITY
+    kept = next((run_dir / ".history").glob("prior@*"))
+    assert _actions(cfg)["prior"][0] == "restore"
+    (kept / "final" / "model.safetensors").unlink()
+    action, reason = _actions(cfg)["prior"]
+    assert action == "run" and "cannot be restored" in reason and str(kept) in reason, reason
+
+
+@pytest.mark.slow
+def test_pipeline_remakes_tampered_weights_in_one_run(run: tuple[Path, RunConfig]) -> None:
+    run_dir, _ = run
+    final = run_dir / "prior" / "final" / "model.safetensors"
+    final.write_bytes(final.read_bytes()[:-8] + b"\x00" * 8)
+    result = _pipeline(run_dir / "config.json", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "[prior] run: its files changed after they were made" in result.stdout
+    assert "[vqvae] skip" in result.stdout
