@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from runtime.schema import ClassBalance, Strict
+from runtime.schema import MAX_COUNT, ClassBalance, Strict
 
 
 class ClassifierConfig(Strict):
@@ -21,5 +21,6 @@ class ClassifierConfig(Strict):
 class EvaluateConfig(Strict):
     """``evaluate``: reconstructions and samples judged against real images (judge/evaluate.py)."""
 
-    batch_size: int = Field(64, gt=0, description="images judged at once")
-    max_images: int = Field(2000, gt=1, description="validation images (and train images for the floor) used")
+    batch_size: int = Field(64, gt=0, le=MAX_COUNT, description="images judged at once")
+    max_images: int = Field(2000, gt=1, le=MAX_COUNT,
+                            description="validation images (and train images for the floor) used")

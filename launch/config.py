@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from runtime.schema import Strict
+from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, MAX_TIME_MIN, Strict
 
 
 def _slurm_word(value: str) -> str:
@@ -35,14 +35,17 @@ class SlurmResources(Strict):
     partition: SlurmWord | None = Field(None, description="#SBATCH --partition; null = the cluster's default")
     account: SlurmWord | None = Field(None, description="#SBATCH --account; null = the cluster's default")
     qos: SlurmWord | None = Field(None, description="#SBATCH --qos; null = the cluster's default")
-    time_min: int = Field(60, gt=0, description="time limit of each job, minutes")
-    nodes: int = Field(1, gt=0, description="nodes per job (training stages: one accelerate machine each)")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node")
-    processes_per_node: int = Field(1, gt=0, description="accelerate processes per node (training stages)")
-    cpus_per_task: int = Field(2, gt=0, description="CPU cores per task")
-    mem_gb: int = Field(4, gt=0, description="memory per node, GiB")
+    time_min: int = Field(60, gt=0, le=MAX_TIME_MIN, description="time limit of each job, minutes")
+    nodes: int = Field(1, gt=0, le=MAX_COUNT,
+                       description="nodes per job (training stages: one accelerate machine each)")
+    gpus_per_node: int = Field(0, ge=0, le=MAX_COUNT, description="GPUs per node")
+    processes_per_node: int = Field(1, gt=0, le=MAX_COUNT,
+                                    description="accelerate processes per node (training stages)")
+    cpus_per_task: int = Field(2, gt=0, le=MAX_COUNT, description="CPU cores per task")
+    mem_gb: int = Field(4, gt=0, le=MAX_COUNT, description="memory per node, GiB")
     constraint: SlurmWord | None = Field(None, description="#SBATCH --constraint; null = none")
-    array_parallelism: int = Field(8, gt=0, description="array stages: tasks running at once at most")
+    array_parallelism: int = Field(8, gt=0, le=MAX_ARRAY_TASKS,
+                                   description="array stages: tasks running at once at most")
 
 
 def _resources(stage: str) -> object:
@@ -58,7 +61,7 @@ class ClusterConfig(Strict):
     signal_delay_s: int = Field(120, ge=10, le=65535, description="seconds before the time limit Slurm signals")
     setup: list[Annotated[str, AfterValidator(_shell_line)]] = Field(
         default_factory=list, description="shell lines run first (module load, venv)")
-    max_requeues: int = Field(5, ge=0, description="requeues of a job before the pipeline gives up")
+    max_requeues: int = Field(5, ge=0, le=MAX_COUNT, description="requeues of a job before the pipeline gives up")
     data: SlurmResources = _resources("data")  # type: ignore[assignment]
     train_vqvae: SlurmResources = _resources("vqvae")  # type: ignore[assignment]
     encode: SlurmResources = _resources("encode")  # type: ignore[assignment]

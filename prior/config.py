@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, TypeAdapter, model_validator
 
-from runtime.schema import ClassBalance, Kinds, Seed, Strict
+from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, ClassBalance, Kinds, Seed, Strict
 
 
 def _odd(value: int) -> int:
@@ -38,11 +38,11 @@ class _Prior(Strict):
 
 
 class _PixelCNN(_Prior):
-    filters: int = Field(120, gt=0, description="channels")
-    layers: int = Field(8, ge=1, description="residual (pixelcnn) or gated (gated) layers")
-    kernel_size: Annotated[int, Field(ge=3), AfterValidator(_odd)] = Field(7, description=(
+    filters: int = Field(120, gt=0, le=MAX_COUNT, description="channels")
+    layers: int = Field(8, ge=1, le=MAX_COUNT, description="residual (pixelcnn) or gated (gated) layers")
+    kernel_size: Annotated[int, Field(ge=3, le=MAX_COUNT), AfterValidator(_odd)] = Field(7, description=(
         "side of the masked convolutions (odd)"))
-    embed_dim: int = Field(64, gt=0, description="code embedding width")
+    embed_dim: int = Field(64, gt=0, le=MAX_COUNT, description="code embedding width")
 
 
 class PixelCNNPriorConfig(_PixelCNN):
@@ -62,19 +62,19 @@ class TransformerPriorConfig(_Prior):
     gives it a null class for classifier-free guidance."""
 
     arch: Literal["transformer"] = Field("transformer", description=_ARCH)
-    layers: int = Field(8, ge=1, description="transformer blocks")
-    d_model: int = Field(256, gt=0, description="width of tokens and residual stream")
-    heads: int = Field(8, gt=0, description="attention heads (must divide d_model)")
+    layers: int = Field(8, ge=1, le=MAX_COUNT, description="transformer blocks")
+    d_model: int = Field(256, gt=0, le=MAX_COUNT, description="width of tokens and residual stream")
+    heads: int = Field(8, gt=0, le=MAX_COUNT, description="attention heads (must divide d_model)")
     # 1 (multi-query attention) by default: sampling reads the whole KV cache at every step, and one
     # shared key/value head made KV-cache sampling 2.5x faster than 8 heads on CPU (bench sample).
-    kv_heads: int = Field(1, ge=0, description=(
+    kv_heads: int = Field(1, ge=0, le=MAX_COUNT, description=(
         "key/value heads, each shared by heads / kv_heads query heads (1 = multi-query, "
         "1 < kv_heads < heads = grouped-query attention: a smaller KV cache, faster sampling); "
         "0 = heads (plain multi-head attention)"))
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description=(
         "conditional: fraction of training labels replaced by the null class, so one model "
         "also learns the unconditional distribution (classifier-free guidance needs it > 0)"))
-    max_grid_side: int = Field(64, gt=0, description=(
+    max_grid_side: int = Field(64, gt=0, le=MAX_COUNT, description=(
         "largest code-grid height/width (rows of the learned row and column embeddings)"))
 
     @model_validator(mode="after")
@@ -128,25 +128,26 @@ Temperature = Annotated[float, Field(gt=0.0), AfterValidator(_usable_temperature
 class SampleConfig(Strict):
     """``sample``: code grids drawn from the prior and decoded by the VQ-VAE (prior/sample.py)."""
 
-    per_class: int = Field(4, gt=0, description=(
+    per_class: int = Field(4, gt=0, le=MAX_COUNT // 7, description=(
         "samples per class (class_mix=uniform), or on average over the classes (class_mix=data): "
         "per_class x classes samples in all"))
     class_mix: Literal["uniform", "data"] = Field("uniform", description=(
         "uniform: per_class samples of every class; data: the classes in the train split's proportions, at "
         "least min_per_class of each class it holds (the model's own marginal, which a Fréchet distance "
         "against real images measures; the evaluate stage weights samples to the real images' mix either way)"))
-    min_per_class: int = Field(1, ge=0, description=(
+    min_per_class: int = Field(1, ge=0, le=MAX_COUNT // 7, description=(
         "class_mix=data: samples of every class the train split holds, however rare (each class's agreement "
         "rate needs some)"))
     temperature: Temperature = Field(1.0, description="logits are divided by it before each draw")
-    top_k: int = Field(0, ge=0, description="draw only among the k most likely codes; 0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_COUNT, description="draw only among the k most likely codes; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description=(
         "draw only among the most likely codes holding this much probability (nucleus); 1 = off"))
     guidance_scale: float = Field(1.0, ge=0.0, description=(
         "classifier-free guidance: logits = uncond + s * (cond - uncond); 1 = plain conditional, "
         "0 = unconditional; transformer prior only"))
-    batch_size: int = Field(32, gt=0, description="grids drawn at once (the draws depend on it)")
-    num_tasks: int = Field(2, gt=0, description="sampling tasks (Slurm array size), each with its own seed")
+    batch_size: int = Field(32, gt=0, le=MAX_COUNT, description="grids drawn at once (the draws depend on it)")
+    num_tasks: int = Field(2, gt=0, le=MAX_ARRAY_TASKS,
+                           description="sampling tasks (Slurm array size), each with its own seed")
     seed: Seed = 0
 
     @model_validator(mode="after")

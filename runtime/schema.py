@@ -91,11 +91,30 @@ with a smaller one. Below 2**32 every consumer (random, numpy, torch, derive_see
 
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="random seed, 0 <= seed < 2**32")]
 
+MAX_COUNT = 2**31 - 1
+"""Upper bound of a count (images, steps, batch sizes, workers) no consumer limits more tightly: a C int, what
+torch, numpy and the DataLoader take for sizes and counters. A larger value (``1e20`` parses as an integer) was
+saved into config.json and then failed as an OverflowError traceback in whichever stage used it first."""
+MAX_ARRAY_TASKS = 1000
+"""Tasks of an array stage at most: one Slurm array (``--array=0-N``), whose largest index must stay below
+Slurm's MaxArraySize (default 1001)."""
+MAX_TIME_MIN = 366 * 24 * 60
+"""A Slurm time limit at most (minutes): a year; a larger ``#SBATCH --time`` is refused or taken as unlimited."""
+
 
 def _path_text(value: Any) -> Any:
     # Path("") is "." (the current folder) and a NUL byte fails at the first open: both are typos.
     if isinstance(value, str) and (not value.strip() or "\x00" in value):
         raise ValueError("must be a path, not empty and without NUL characters")
+    # A name with bytes that are not UTF-8 (Python keeps them as surrogates) cannot be saved in config.json or
+    # any manifest: refused here, before a folder is created, not as a serialisation traceback afterwards.
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"{shown} holds bytes that are not UTF-8; rename it (or link to it from a UTF-8 "
+                             "name): lesion-vq records every path in JSON") from None
     return value
 
 

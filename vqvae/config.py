@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, model_validator
 
-from runtime.schema import NOT_IN_IDENTITY, Kinds, Strict, added_setting
+from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, NOT_IN_IDENTITY, Kinds, Strict, added_setting
 from runtime.train_config import OptimConfig
 
 MAX_CODEBOOK_SIZE = 2**16
@@ -53,7 +53,7 @@ class FSQQuantizerConfig(Strict):
 
     kind: Literal["fsq"] = Field("fsq", description="quantizer kind: ema, loss or fsq")
     # >= 3: the library needs its symmetry-preserving variant for 2 levels; the paper's sets are all >= 5.
-    levels: list[Annotated[int, Field(ge=3)]] = Field(default_factory=lambda: [8, 5, 5, 5], min_length=1,
+    levels: list[Annotated[int, Field(ge=3, le=MAX_COUNT)]] = Field(default_factory=lambda: [8, 5, 5, 5], min_length=1,
                                                       max_length=16, description=(
                                                           "values per dimension; codes = their product"))
 
@@ -87,11 +87,11 @@ _ARCH = "VQ-VAE architecture: seed or improved"
 class _Autoencoder(Strict):
     arch: str = Field(description=_ARCH)  # each kind narrows it to its own literal (the discriminator)
     # 1..8 stages (a down-sampling factor up to 256 = 2**8; image_size is at most 4096), widths >= 1.
-    channels: list[Annotated[int, Field(ge=1)]] = Field(
+    channels: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(
         default_factory=lambda: [32, 64, 128, 256, 256], min_length=1, max_length=8,
         description="seed: encoder conv widths (one stride-2 conv each); improved: widths of the down-sampling "
                     "stages. The image side shrinks by 2 ** len(channels)")
-    code_dim: int = Field(64, ge=1, description="width of each vector the quantizer takes")
+    code_dim: int = Field(64, ge=1, le=MAX_COUNT, description="width of each vector the quantizer takes")
     quantizer: QuantizerConfig = Field(default_factory=EMAQuantizerConfig, description=(
         "the quantizer, one of several kinds chosen by its kind (ema, loss, fsq)"))
 
@@ -109,7 +109,7 @@ class ImprovedVQVAEConfig(_Autoencoder):
     """Residual conv encoder/decoder (GroupNorm + SiLU), a 1x1 projection to code_dim: one code per position."""
 
     arch: Literal["improved"] = Field("improved", description=_ARCH)
-    res_blocks: int = Field(2, ge=0, description="residual blocks per stage")
+    res_blocks: int = Field(2, ge=0, le=MAX_COUNT, description="residual blocks per stage")
 
 
 class SeedVQVAEConfig(_Autoencoder):
@@ -157,11 +157,11 @@ class AdversarialConfig(Strict):
     with the hinge loss, its generator term scaled by VQGAN's adaptive weight. Off by default."""
 
     enabled: bool = Field(False, description="train with a discriminator")
-    start_step: int = Field(0, ge=0, description=(
+    start_step: int = Field(0, ge=0, le=MAX_COUNT, description=(
         "first step with a discriminator: before it the discriminator is neither trained nor used"))
     weight: float = Field(0.8, ge=0.0, description=(
         "times the adaptive weight ||grad L_rec|| / ||grad L_adv|| at the decoder's last layer"))
-    ramp_steps: int = Field(0, ge=0, description=(
+    ramp_steps: int = Field(0, ge=0, le=MAX_COUNT, description=(
         "the generator's adversarial weight rises linearly from 0 to full over this many steps from start_step "
         "(the discriminator trains at full rate from start_step); 0 = full at once, as VQGAN. A random critic "
         "at full adaptive weight pushes as hard as the reconstruction loss and can undo it"),
@@ -196,8 +196,9 @@ class VQVAETrainConfig(OptimConfig):
 class EncodeConfig(Strict):
     """``encode``: image shards -> code shards with the trained VQ-VAE (vqvae/encode.py)."""
 
-    batch_size: int = Field(64, gt=0, description="images encoded at once")
-    num_tasks: int = Field(2, gt=0, description="encode tasks (Slurm array size), each over a subset of shards",
+    batch_size: int = Field(64, gt=0, le=MAX_COUNT, description="images encoded at once")
+    num_tasks: int = Field(2, gt=0, le=MAX_ARRAY_TASKS,
+                           description="encode tasks (Slurm array size), each over a subset of shards",
                            json_schema_extra=NOT_IN_IDENTITY)  # one output per input shard, whichever task writes it
     train_views: Literal[1, 2, 4, 8] = Field(1, description=(
         "code grids per training image, each of another view of it (vqvae/encode.py VIEWS): 1 = as packed, "
