@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from judge.api import classifier_config
 from judge.classifier import balanced_accuracy, build_classifier
 from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
@@ -64,7 +65,8 @@ def build_plan(cfg: RunConfig, resume: str) -> tuple[ClassifierTask, TrainPlan]:
     data_dir = RunLayout.of(cfg).stage_dir("data")
     weights = split_class_weights(run.manifests["data"], cfg.classifier.balance, data_dir / "manifest.json")
     plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.classifier_train),
-                     optim=cfg.classifier_train, config=cfg, resume=resume)
+                     optim=cfg.classifier_train, config=cfg, resume=resume,
+                     model_config=classifier_config(cfg.classifier, cfg.data.image_size))
     return ClassifierTask(cfg, data_dir / "val", weights), plan
 
 

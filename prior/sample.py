@@ -21,6 +21,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from prior.api import Generator, prior_config
 from prior.models import build_prior
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
 from runtime.balance import class_allocation, train_class_counts
@@ -36,19 +37,23 @@ from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout, shard_name
 from shards.codes import codes_npy
 from shards.images import decode_rgb
+from vqvae.api import Tokenizer, tokenizer_config
 from vqvae.models import build_vqvae
 
 log = get_logger("sample")
 
 
-def load_models(cfg: RunConfig, run: StageRun, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The VQ-VAE decoder and the prior this stage's lineage checks approved (runtime/lineage.py)."""
+def load_generator(cfg: RunConfig, run: StageRun, device: torch.device) -> Generator:
+    """The prior and VQ-VAE this stage's lineage checks approved (runtime/lineage.py), as the generator API
+    (prior/api.py) holds them: the stage draws exactly what the API draws."""
     layout = RunLayout.of(cfg)
     vqvae = build_vqvae(cfg.vqvae)
     load_weights(vqvae, stage_weights(layout.stage_dir("vqvae"), run.manifests["vqvae"]))
-    prior = build_prior(cfg.prior, int(run.manifests["prior"]["codebook_size"]), len(CLASSES))
+    codebook_size, grid = int(run.manifests["prior"]["codebook_size"]), tuple(run.manifests["prior"]["grid"])
+    prior = build_prior(cfg.prior, codebook_size, len(CLASSES))
     load_weights(prior, stage_weights(layout.stage_dir("prior"), run.manifests["prior"]))
-    return vqvae.to(device).eval(), prior.to(device).eval()
+    tokenizer = Tokenizer(vqvae, tokenizer_config(cfg.vqvae, cfg.data.image_size), device)
+    return Generator(prior, tokenizer, prior_config(cfg.prior, codebook_size, grid), device)
 
 
 def sample_classes(cfg: RunConfig, run: StageRun) -> list[int]:
@@ -74,29 +79,24 @@ def sample_task(cfg: RunConfig, run: StageRun, index: int, count: int, device: t
     if is_done(output, run.identity):
         log.info("task %d/%d: %s already complete", index, count, output.name)
         return
-    vqvae, prior = load_models(cfg, run, device)
-    grid = tuple(run.manifests["prior"]["grid"])
-    codebook_size = int(run.manifests["prior"]["codebook_size"])
+    generator = load_generator(cfg, run, device)
     classes = sample_classes(cfg, run)
     wanted = [j for j in range(len(classes)) if j % count == index]
-    generator = torch_generator(cfg.sample.seed, "sample-task", index, count)
+    size = cfg.sample.batch_size
+    rng = torch_generator(cfg.sample.seed, "sample-task", index, count)  # the API's seed: derive_seed(same parts)
+    batches = generator.batches([classes[j] for j in wanted], rng,
+                                temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                                guidance_scale=cfg.sample.guidance_scale, batch_size=size)
     started, written = time.perf_counter(), 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
     # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
-    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
-            torch.inference_mode(), autocast:
-        for lo in range(0, len(wanted), cfg.sample.batch_size):
-            ids = wanted[lo: lo + cfg.sample.batch_size]
-            labels = torch.tensor([classes[j] for j in ids], device=device)
-            codes = prior.sample(len(ids), grid, labels if cfg.prior.conditional else None,
-                                 temperature=cfg.sample.temperature, generator=generator, top_k=cfg.sample.top_k,
-                                 top_p=cfg.sample.top_p, guidance_scale=cfg.sample.guidance_scale)
-            images = vqvae.decode_codes(codes).float()
-            for j, label, image, code in zip(ids, labels.tolist(), images, codes, strict=True):
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink:
+        for lo, batch in zip(range(0, len(wanted), size), batches, strict=True):
+            ids = wanted[lo: lo + size]
+            for j, label, image, code in zip(ids, batch.labels.tolist(), batch.images, batch.codes, strict=True):
                 meta = {"class": CLASSES[label], "task": index, "temperature": cfg.sample.temperature}
                 sink.write({"__key__": f"sample_{j:06d}", "png": _png(image),
-                            "codes.npy": codes_npy(code.cpu().numpy(), codebook_size),
+                            "codes.npy": codes_npy(code.cpu().numpy(), generator.codebook_size),
                             "cls": str(label).encode(), "json": json.dumps(meta).encode()})
                 written += 1
     seconds = time.perf_counter() - started

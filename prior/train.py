@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from prior.api import prior_config
 from prior.models import build_prior
 from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
@@ -104,7 +105,8 @@ def build_plan(cfg: RunConfig, resume: str, codes_dir: Path | None = None) -> tu
     manifest = run.manifests["encode"]
     data = ShardTrainData(codes_dir / "train", codes_dir / "val", cfg.prior_train, decode=CodeDecoder())
     plan = TrainPlan(run=run, data=data, optim=cfg.prior_train, config=cfg, resume=resume,
-                     manifest_extras={"codebook_size": manifest["codebook_size"], "grid": manifest["grid"]})
+                     manifest_extras={"codebook_size": manifest["codebook_size"], "grid": manifest["grid"]},
+                     model_config=prior_config(cfg.prior, int(manifest["codebook_size"]), tuple(manifest["grid"])))
     return PriorTask(cfg, codes_dir, manifest), plan
 
 

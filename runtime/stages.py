@@ -72,6 +72,8 @@ STAGES: tuple[Stage, ...] = (
           "classifier", "lesion-vq/classifier/v1"),
     Stage("evaluate", "evaluate", "judge.evaluate", "single", ("evaluate",), ("classifier", "vqvae", "sample", "data"),
           "evaluate", "lesion-vq/evaluation/v3"),
+    Stage("export", "export", "launch.export", "single", (), ("data", "vqvae", "prior", "classifier", "evaluate"),
+          "export", "lesion-vq/export/v1"),
     Stage("report", "report", "launch.report", "single", (), ("evaluate",), "report", "lesion-vq/report/v1",
           always_rerun=True),
 )

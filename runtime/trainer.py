@@ -43,8 +43,9 @@ from runtime.checkpoint import (
 from runtime.config import RunConfig
 from runtime.errors import NonFiniteLossError
 from runtime.files import sha256_file
-from runtime.lineage import StageRun
+from runtime.lineage import StageRun, content_digest, token
 from runtime.log import get_logger
+from runtime.pretrained import write_model_config
 from runtime.process import exclusive_lock
 from runtime.seeding import seed_everything
 from runtime.signals import StopRequest
@@ -132,6 +133,9 @@ class TrainPlan:
     process_group_timeout_s: int = 600
     manifest_extras: dict[str, Any] = field(default_factory=dict)
     """Facts downstream stages read from this stage's manifest (e.g. the prior's code grid)."""
+    model_config: dict[str, Any] | None = None
+    """What builds the trained model (runtime/pretrained.py): written as ``final/config.json`` beside the weights,
+    with their sha256 and the lineage they came from, so the folder loads by itself."""
 
     @property
     def out_dir(self) -> Path:
@@ -442,5 +446,8 @@ def _write_stage_outputs(model: torch.nn.Module, plan: TrainPlan, stage: str, st
     weights = plan.out_dir / "final" / "model.safetensors"
     save_weights(model, weights, metadata={"stage": stage, "identity": plan.run.identity})
     sha = sha256_file(weights)
+    if plan.model_config is not None:
+        lineage = {**plan.run.lineage, stage: token({"identity": plan.run.identity, "content": content_digest(sha)})}
+        write_model_config(weights.parent, {**plan.model_config, "lineage": lineage})
     plan.run.finish(sha, {"steps": state.step, "weights": str(weights.relative_to(plan.out_dir)),
                           "weights_sha256": sha, **plan.manifest_extras, **distributed})

@@ -148,12 +148,16 @@ def to_rgb(img: Image.Image, where: str) -> Image.Image:
                         f"(supported: {', '.join(SUPPORTED_MODES)})")
 
 
+def resized(img: Image.Image, size: int) -> Image.Image:
+    """``img`` at size x size, bilinear, aspect not kept (as in the report): how packing and the tokenizer API
+    (vqvae/api.py) size every image."""
+    return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+
+
 def to_stored_jpeg(img: Image.Image, size: int, quality: int) -> bytes:
-    """Resize to size x size (aspect not kept, as in the report) and encode as JPEG."""
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+    """Resize to size x size (:func:`resized`) and encode as JPEG."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
+    resized(img, size).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -127,7 +127,7 @@ def test_cluster_chain_matches_local_run(cluster_run, tmp_path: Path) -> None:
     run_dir, result, seconds = cluster_run
     assert result.returncode == 0, f"cluster run failed ({seconds:.0f}s):\n{result.stdout}\n{result.stderr[-3000:]}"
     ids = _submitted(result.stdout)
-    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "classifier", "evaluate", "report"], \
+    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "classifier", "evaluate", "export", "report"], \
         result.stdout
     assert "array of 2" in result.stdout
     for stage, job in ids.items():
@@ -166,7 +166,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     assert first.returncode == 0, first.stderr[-2000:]
     assert time.monotonic() - t0 < 60, "--cluster without --wait must return at once"
     ids = _submitted(first.stdout)
-    assert list(ids) == ["prior", "sample", "evaluate", "report"], first.stdout
+    assert list(ids) == ["prior", "sample", "evaluate", "export", "report"], first.stdout
     for stage in ("data", "vqvae", "encode", "classifier"):
         assert re.search(rf"stage {stage}\s+skip: up to date, not submitted", first.stdout), first.stdout
     # The chain, as Slurm records it: sample waits on prior, evaluate on sample, report on evaluate.
@@ -194,7 +194,7 @@ def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster
     # Fixed: only what is missing is submitted, and it completes.
     second = _pipeline("--cluster", "--wait", "--config", config, "prior_train.lr=0.002", timeout=300)
     assert second.returncode == 0, f"{second.stdout}\n{second.stderr[-3000:]}"
-    assert list(_submitted(second.stdout)) == ["prior", "sample", "evaluate", "report"], second.stdout
+    assert list(_submitted(second.stdout)) == ["prior", "sample", "evaluate", "export", "report"], second.stdout
     assert (run_dir / "samples" / "manifest.json").is_file()
 
 

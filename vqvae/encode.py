@@ -38,6 +38,7 @@ from shards.codes import codes_npy
 from shards.loader import ImageDecoder, declared, split_manifest
 from shards.manifest import CODE_FORMAT, ManifestError, read_manifest, sample_offsets
 from shards.stream import SampleRefused, ShardStream, collate
+from vqvae.api import Tokenizer, tokenizer_config
 from vqvae.models import build_vqvae
 
 log = get_logger("encode")
@@ -79,21 +80,20 @@ class _WithMetadata(ImageDecoder):
         return super().__call__(key, members, epoch) | {"json": meta}
 
 
-def encode_shard(model: torch.nn.Module, source: Path, manifest: dict[str, Any], output: Path, image_size: int,
-                 codebook_size: int, batch_size: int, device: torch.device,
+def encode_shard(tokenizer: Tokenizer, source: Path, manifest: dict[str, Any], output: Path, batch_size: int,
                  views: int = 1) -> tuple[int, dict[str, int]]:
     """Encode one shard (batched, no augmentation) of the split whose checked manifest is ``manifest``, each
-    image in the first ``views`` of :data:`VIEWS`; returns (samples written, per-class counts)."""
+    image in the first ``views`` of :data:`VIEWS`, through the tokenizer API (so it gives exactly these codes);
+    returns (samples written, per-class counts)."""
+    image_size, codebook_size = tokenizer.image_size, tokenizer.codebook_size
     class_counts = dict.fromkeys(CLASSES, 0)
     written, dropped = 0, []
     # Bound to the split's manifest: a split packed at another size than the data stage says is refused.
     decode = _WithMetadata(image_size).for_split(source.parent, manifest)
     offsets = next(s["offsets"] for s in manifest["shards"] if s["name"] == source.name)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # mtime=0: the bytes depend only on the samples; compress=False: webdataset would otherwise guess
     # compression from the temporary name, whose random suffix can end in 'gz'/'xz'.
-    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink, \
-            torch.inference_mode(), autocast:
+    with atomic_path(output) as tmp, wds.TarWriter(str(tmp), mtime=0, compress=False) as sink:
         # View by view, so that consecutive samples (what the training stream keeps together) are other images.
         for name, view in VIEWS[:views]:
             stream = ShardStream(shards=[source], offsets=[offsets], batch_size=batch_size, decode=decode,
@@ -102,7 +102,7 @@ def encode_shard(model: torch.nn.Module, source: Path, manifest: dict[str, Any],
                 dropped += batch["dropped"]
                 if not batch["key"]:
                     continue
-                codes = model.encode(view(batch["image"]).to(device)).cpu().numpy()
+                codes = tokenizer.encode(view(batch["image"])).cpu().numpy()
                 for key, label, meta, grid in zip(batch["key"], batch["label"].tolist(), batch["json"], codes,
                                                   strict=True):
                     if name:
@@ -149,13 +149,12 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_vqvae(cfg.vqvae)
     load_weights(model, stage_weights(layout.stage_dir("vqvae"), run.manifests["vqvae"]))
-    model.to(device).eval()
     image_size = declared(data_dir, run.manifests["data"], "image_size", 1)
     if image_size != cfg.data.image_size:  # the lineage check compares settings, not this manifest value
         raise ManifestError(f"{data_dir / MANIFEST} says its images are {image_size} px, but this config has "
                             f"data.image_size={cfg.data.image_size}; re-make the data stage "
                             "(python launch/pipeline.py --from data)")
-    grid = model.code_grid(image_size)
+    tokenizer = Tokenizer(model, tokenizer_config(cfg.vqvae, image_size), device)
 
     items = work_items(data_dir)
     # Each split's manifest checked once (its sample index is as long as the split), not once per shard.
@@ -167,15 +166,14 @@ def main(args: argparse.Namespace) -> int:
         if is_done(output, run.identity):
             log.info("%s/%s: already encoded for this identity, skipped", split, name)
             continue
-        n, class_counts = encode_shard(model, data_dir / split / name, manifests[split], output, image_size,
-                                       cfg.vqvae.codebook_size, cfg.encode.batch_size, device,
-                                       views=cfg.encode.train_views if split == "train" else 1)
+        n, class_counts = encode_shard(tokenizer, data_dir / split / name, manifests[split], output,
+                                       cfg.encode.batch_size, views=cfg.encode.train_views if split == "train" else 1)
         mark_done(output, run.identity, count=n, class_counts=class_counts, offsets=sample_offsets(output))
         total += n
     seconds = time.perf_counter() - started
     log.info("task %s of %d: %d images in %.1f s (%.1f images/s)", ",".join(map(str, indices)), count, total,
              seconds, total / max(seconds, 1e-9))
-    if finalize(run, items, grid, cfg.vqvae.codebook_size):
+    if finalize(run, items, tokenizer.grid, tokenizer.codebook_size):
         log.info("all shards encoded: %s", run.out_dir / MANIFEST)
     return 0
 

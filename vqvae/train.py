@@ -25,6 +25,7 @@ from runtime.lineage import begin_stage
 from runtime.stages import RunLayout
 from runtime.trainer import Critic, TrainPlan, train
 from shards.loader import ShardTrainData, make_eval_loader
+from vqvae.api import tokenizer_config
 from vqvae.discriminator import (
     PatchDiscriminator,
     adaptive_weight,
@@ -119,7 +120,8 @@ def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tup
     run = begin_stage(cfg, "vqvae", folders={"data": data_dir} if data_dir else None)
     data_dir = data_dir or RunLayout.of(cfg).stage_dir("data")
     plan = TrainPlan(run=run, data=ShardTrainData(data_dir / "train", data_dir / "val", cfg.vqvae_train),
-                     optim=cfg.vqvae_train, config=cfg, resume=resume)
+                     optim=cfg.vqvae_train, config=cfg, resume=resume,
+                     model_config=tokenizer_config(cfg.vqvae, cfg.data.image_size))
     return VQVAETask(cfg, data_dir / "val"), plan
 
 
