@@ -9,7 +9,7 @@ Rows (every row of a section has the same fields on every machine, :data:`FIELDS
   difference in levels of 255 (max, mean) and images/s of each.
 * ``report``: the report's own training loop (bench/report_baseline.py) per batch size.
 * ``train``: ``seed`` and ``improved`` at 256 px, batch 16 and 64, 8 loader workers, bf16 and fp32, decoding in
-  the workers (bf16 also on the device): ours (the trainer on shards) against the ceiling (the same step with
+  the workers and on the device: ours (the trainer on shards) against the ceiling (the same step with
   its inputs resident on the device) and the report's loop, as ratios; GPU busy % (NVML) over our timed steps
   and peak GPU memory; bf16 against fp32.
 * ``sample``: samples/s of the ``improved`` and ``ham128`` priors (prior and decoder, bf16 on CUDA).
@@ -120,11 +120,10 @@ def new_row(section: str, name: str, **values: Any) -> dict[str, Any]:
 
 
 def _train_rows(plan: Plan, precision: str) -> list[dict[str, Any]]:
-    decodes = ("workers", "device") if precision == "bf16" else ("workers",)
     return [new_row("train", f"{preset}, batch {batch}, {precision}, decode on {decode}", preset=preset,
                     size=plan.size, batch=batch, workers=plan.workers, precision=precision, decode=decode,
                     steps=plan.steps(batch)[1])
-            for preset in ("seed", "improved") for batch in plan.batches for decode in decodes]
+            for preset in ("seed", "improved") for batch in plan.batches for decode in ("workers", "device")]
 
 
 def job_rows(plan: Plan, job: str) -> list[dict[str, Any]]:
