@@ -27,6 +27,8 @@ from shards.loader import ShardTrainData
 from vqvae.train import VQVAETask, build_plan
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason=(
+    "CPU stand-ins: with CUDA the trainer takes these branches for real (python -m bench gpu measures them)"))
 
 
 class WatchedTask(VQVAETask):
