@@ -7,6 +7,8 @@
   synthetic data set (real tar shards) with ``shards.pack.pack_synthetic``.
 * ``synth_shards``: one such data set per session (100 images at 32 px, 13 per shard so shard
   sizes are uneven), for tests that only read shards.
+* ``finished_run``: ONE tiny run through every stage by ``launch/pipeline.py`` per session, for the tests
+  that only read a finished run (read-only: a test that changes a run works on ``copy_run(...)``).
 
 Tiers: tests marked ``slow`` (they start processes, train past a few steps, or use DDP) or ``slurm`` run in
 the full suite only; the rest are the fast tier (``scripts/test.sh --fast``). A fast-tier test that starts
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import tiny_config
+from helpers import FINISHED_RUN, FinishedRun, assert_ok, run_pipeline, tiny_config
 
 from shards.config import DataConfig
 
@@ -135,3 +137,12 @@ def tiny_run(tmp_path: Path, tiny_data: Path) -> Callable[..., Any]:
         return cfg, run_dir / "config.json"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """The tiny config plus FINISHED_RUN, taken through every stage by the pipeline once per session."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    tiny_config(run_dir, *FINISHED_RUN)
+    result = assert_ok(run_pipeline(run_dir / "config.json"))
+    return FinishedRun(run_dir, run_dir / "config.json", result)

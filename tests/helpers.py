@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ TINY = [
     "evaluate.max_images=32", "evaluate.batch_size=16",
 ]
 """Overrides (on the smoke preset) for runs whose stages each take seconds."""
+
+FINISHED_RUN = ["prior_train.max_steps=150", "prior_train.eval_every=50", "prior_train.checkpoint_every=50",
+                "sample.class_mix=data", "sample.per_class=2", "sample.min_per_class=1"]
+"""Added to TINY for the session's one finished run (conftest ``finished_run``): a prior trained long enough
+to learn (tests compare its bits per code with uniform), samples in the data's class mix, every class drawn."""
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """The session's finished run (conftest ``finished_run``)."""
+
+    run_dir: Path
+    config: Path
+    result: subprocess.CompletedProcess[str]
+    """What ``launch/pipeline.py`` printed making it."""
 
 
 def tiny_config(run_dir: Path, *extra: str) -> RunConfig:

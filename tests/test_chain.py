@@ -1,27 +1,19 @@
-"""train VQ-VAE → encode → train prior → sample, each stage as its own command on real shards."""
+"""What encode, the prior and sample make: the session's finished run (conftest ``finished_run``), plus a prior
+trained by prior/train.py on hand-made code shards and an encode with every training-image view."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import REPO, stage_env, tiny_config
+from helpers import FinishedRun, assert_ok, copy_run, run_cli, tiny_config
 
-from runtime.config import CLASSES
-
-
-def _run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=stage_env(), capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+from runtime.config import CLASSES, load_config
 
 
 def _code_histograms(split_dir: Path, codebook: int) -> dict[int, np.ndarray]:
@@ -33,33 +25,12 @@ def _code_histograms(split_dir: Path, codebook: int) -> dict[int, np.ndarray]:
     return hist
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
-    """One tiny run taken through every stage (shared by the tests below)."""
-
-
-    run_dir = tmp_path_factory.mktemp("chain") / "run"
-    run_dir.mkdir()
-    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    cfg = tiny_config(run_dir, "prior_train.max_steps=150", "prior_train.eval_every=150",
-                      "prior_train.checkpoint_every=150", "sample.per_class=6")
-    config = str(run_dir / "config.json")
-    _run("vqvae/train.py", "--config", config)
-    logs = [_run("vqvae/encode.py", "--config", config, "--shard-index", str(i), "--num-shards", "2").stderr
-            for i in range(2)]
-    rerun = _run("vqvae/encode.py", "--config", config, "--shard-index", "0", "--num-shards", "2").stderr
-    _run("prior/train.py", "--config", config)
-    for i in range(2):
-        _run("prior/sample.py", "--config", config, "--shard-index", str(i), "--num-shards", "2")
-    return {"cfg": cfg, "run_dir": run_dir, "encode_logs": logs, "encode_rerun": rerun}
-
-
 @pytest.mark.slow
-def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
-    run_dir = chain["run_dir"]
+def test_encode_writes_one_code_shard_per_image_shard(finished_run: FinishedRun, tmp_path: Path) -> None:
+    run_dir = finished_run.run_dir
     codes = json.loads((run_dir / "codes" / "manifest.json").read_text())
     data = json.loads((run_dir / "data" / "train" / "manifest.json").read_text())
-    assert codes["codebook_size"] == chain["cfg"].vqvae.codebook_size
+    assert codes["codebook_size"] == load_config(finished_run.config).vqvae.codebook_size
     assert codes["grid"] == [8, 8]  # 32 px / 2**2
     vq = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
     assert codes["lineage"]["vqvae"] == f"{vq['identity']}/{vq['content']}"  # made from THESE weights
@@ -67,12 +38,15 @@ def test_encode_writes_one_code_shard_per_image_shard(chain: dict) -> None:
     assert [s["name"] for s in split["shards"]] == [s["name"] for s in data["shards"]]
     assert split["num_samples"] == data["num_samples"]
     assert split["class_counts"] == data["class_counts"]
-    assert "already encoded for this identity, skipped" in chain["encode_rerun"]
+    copy = copy_run(run_dir, tmp_path / "run")
+    rerun = assert_ok(run_cli("vqvae/encode.py", "--config", copy / "config.json", "--shard-index", "0",
+                              "--num-shards", "2"))
+    assert "already encoded for this identity, skipped" in rerun.stderr
 
 
 @pytest.mark.slow
-def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> None:
-    run_dir = chain["run_dir"]
+def test_code_shards_hold_integer_grids_keyed_like_the_images(finished_run: FinishedRun) -> None:
+    run_dir = finished_run.run_dir
     image_keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "data/val").glob("*.tar")),
                                                        shardshuffle=False, empty_check=False)}
     samples = list(wds.WebDataset(sorted(str(p) for p in (run_dir / "codes/val").glob("*.tar")),
@@ -85,10 +59,10 @@ def test_code_shards_hold_integer_grids_keyed_like_the_images(chain: dict) -> No
 
 
 @pytest.mark.slow
-def test_prior_learns_well_below_uniform(chain: dict) -> None:
-    rows = [json.loads(line) for line in (chain["run_dir"] / "prior" / "metrics.jsonl").read_text().splitlines()]
+def test_prior_learns_well_below_uniform(finished_run: FinishedRun) -> None:
+    rows = [json.loads(line) for line in (finished_run.run_dir / "prior" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/bits_per_code" in r]
-    uniform = math.log2(chain["cfg"].vqvae.codebook_size)
+    uniform = math.log2(load_config(finished_run.config).vqvae.codebook_size)
     assert val[-1]["val/uniform_bits_per_code"] == uniform
     assert val[-1]["val/bits_per_code"] < 0.6 * uniform
     train = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -102,7 +76,7 @@ def _shard_samples(split_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, tmp_path: Path) -> None:
+def test_train_views_encode_every_symmetry_of_each_training_image(finished_run: FinishedRun, tmp_path: Path) -> None:
     """encode.train_views=8: every training image encoded in its 8 exact rotations/mirrorings, view by view
     (view 0 byte-identical to a plain encode), validation left at one grid per image; the prior trains on them."""
     import torch
@@ -115,11 +89,11 @@ def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, t
     run_dir = tmp_path / "views"
     run_dir.mkdir()
     for stage in ("data", "vqvae"):  # the chain's data and VQ-VAE: only the encode settings differ
-        (run_dir / stage).symlink_to((chain["run_dir"] / stage).resolve(), target_is_directory=True)
+        (run_dir / stage).symlink_to((finished_run.run_dir / stage).resolve(), target_is_directory=True)
     cfg = tiny_config(run_dir, "prior_train.max_steps=4", "prior_train.eval_every=4", "prior_train.checkpoint_every=4",
                       "encode.train_views=8")
-    _run("vqvae/encode.py", "--config", str(run_dir / "config.json"))
-    plain, views = chain["run_dir"] / "codes", run_dir / "codes"
+    assert_ok(run_cli("vqvae/encode.py", "--config", run_dir / "config.json"))
+    plain, views = finished_run.run_dir / "codes", run_dir / "codes"
     for split, factor in (("train", 8), ("val", 1), ("test", 1)):
         before, after = (json.loads((d / split / "manifest.json").read_text()) for d in (plain, views))
         assert after["num_samples"] == factor * before["num_samples"], split
@@ -138,9 +112,9 @@ def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, t
     assert all(json.loads(s["json"])["view"] == s["__key__"].split("@")[1] for s in stored if "@" in s["__key__"])
 
     model = build_vqvae(cfg.vqvae).eval()
-    load_weights(model, chain["run_dir"] / "vqvae" / json.loads((chain["run_dir"] / "vqvae" / "manifest.json")
-                                                                .read_text())["weights"])
-    batch = next(iter(make_eval_loader(chain["run_dir"] / "data" / "train", batch_size=first)))
+    vqvae = finished_run.run_dir / "vqvae"
+    load_weights(model, vqvae / json.loads((vqvae / "manifest.json").read_text())["weights"])
+    batch = next(iter(make_eval_loader(finished_run.run_dir / "data" / "train", batch_size=first)))
     by_key = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False) for s in stored}
     with torch.no_grad():
         for name, view in VIEWS:
@@ -150,20 +124,9 @@ def test_train_views_encode_every_symmetry_of_each_training_image(chain: dict, t
     rotated = np.stack([by_key[f"{k}@rot90"] for k in batch["key"]])
     assert (rotated != np.stack([by_key[k] for k in batch["key"]])).mean() > 0.3  # another image, other codes
 
-    _run("prior/train.py", "--config", str(run_dir / "config.json"))
+    assert_ok(run_cli("prior/train.py", "--config", run_dir / "config.json"))
     assert json.loads((run_dir / "prior" / "manifest.json").read_text())["lineage"]["encode"].startswith(
         json.loads((views / "manifest.json").read_text())["identity"])
-
-
-@pytest.mark.slow
-def test_samples_cover_every_class_in_a_grid(chain: dict) -> None:
-    out = chain["run_dir"] / "samples"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_samples"] == 6 * len(CLASSES)
-    assert (out / "samples.png").stat().st_size > 0
-    labels = [int(s["cls"]) for s in wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")),
-                                                    shardshuffle=False, empty_check=False)]
-    assert sorted(labels) == sorted(c for c in range(len(CLASSES)) for _ in range(6))
 
 
 def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int, cfg) -> None:
@@ -213,7 +176,7 @@ def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: 
                       "prior_train.max_steps=120", "prior_train.lr=3e-3", "prior_train.eval_every=120",
                       "prior_train.checkpoint_every=120")
     _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
-    _run("prior/train.py", "--config", str(tmp_path / "run" / "config.json"), "--codes", str(codes_dir))
+    assert_ok(run_cli("prior/train.py", "--config", tmp_path / "run" / "config.json", "--codes", codes_dir))
     model = build_prior(cfg.prior, 16, len(CLASSES))
     load_weights(model, tmp_path / "run" / "prior" / "final" / "model.safetensors")
     labels = torch.arange(len(CLASSES)).repeat_interleave(8)

@@ -21,16 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, run_pipeline, stage_env, tiny_config
 
 MANIFESTS = {"data": "data/manifest.json", "vqvae": "vqvae/manifest.json", "encode": "codes/manifest.json",
              "prior": "prior/manifest.json", "sample": "samples/manifest.json"}
 EXTRA = ["vqvae_train.max_steps=40", "vqvae_train.checkpoint_every=2", "vqvae_train.eval_every=100"]
-
-
-def _pipeline(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(config), *args], cwd=REPO,
-                          env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
 
 
 def _state(run_dir: Path) -> dict[str, tuple[int, str]]:
@@ -72,7 +67,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert first.poll() is None and time.monotonic() < deadline, "first pipeline never took the lock"
         time.sleep(0.01)
     started = time.monotonic()
-    second = _pipeline(config)
+    second = run_pipeline(config)
     second_s = time.monotonic() - started
     assert first.poll() is None, "the first pipeline ended while the second was checked"
 
@@ -117,7 +112,7 @@ def test_kill9_of_the_pipeline_leaves_no_process_and_nothing_complete_looking(cr
 @pytest.mark.slow
 def test_rerun_after_the_crash_resumes_training_and_completes(crashed):
     run_dir = crashed["run_dir"]
-    result = _pipeline(crashed["config"])
+    result = run_pipeline(crashed["config"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "stage data: skip: up to date" in result.stderr
     assert "stage vqvae: resume" in result.stderr
@@ -135,7 +130,7 @@ def test_rerun_after_the_crash_resumes_training_and_completes(crashed):
 def test_changed_setting_that_affects_no_output_redoes_nothing(crashed):
     run_dir = crashed["run_dir"]
     before = crashed.get("complete") or pytest.skip("needs the completed rerun")
-    result = _pipeline(crashed["config"], "vqvae_train.log_every=3", "prior_train.eval_every=9")
+    result = run_pipeline(crashed["config"], "vqvae_train.log_every=3", "prior_train.eval_every=9")
     assert result.returncode == 0, result.stderr[-4000:]
     for stage in MANIFESTS:
         assert f"stage {stage}: skip: up to date" in result.stderr
@@ -147,7 +142,7 @@ def test_changed_prior_config_redoes_prior_and_sampling_only(crashed):
     run_dir = crashed["run_dir"]
     before = crashed.get("complete") or pytest.skip("needs the completed rerun")
     weights = (run_dir / "vqvae" / "final" / "model.safetensors").read_bytes()
-    result = _pipeline(crashed["config"], "prior.filters=24")
+    result = run_pipeline(crashed["config"], "prior.filters=24")
     assert result.returncode == 0, result.stderr[-4000:]
     after = _state(run_dir)
     for stage in ("data", "vqvae", "encode"):

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, FinishedRun, assert_ok, assert_one_line_error, copy_run, run_cli, stage_env, tiny_config
 from PIL import Image
 
 from runtime.files import atomic_write_json
@@ -44,28 +43,6 @@ from shards.manifest import CODE_FORMAT, FORMAT, describe_shard, read_manifest
 from shards.synth import render_lesion
 
 # ----- helpers ---------------------------------------------------------------------------------------
-
-
-def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=stage_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line, the last one, holding every needle."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line.split("\r")[-1] for line in result.stderr.strip().splitlines()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def _temps(*roots: Path) -> list[Path]:
@@ -281,9 +258,9 @@ def test_ambiguous_csv_headers_are_refused_naming_the_columns(tmp_path: Path, he
     Image.new("RGB", (8, 8)).save(images / "img_1.jpg")
     csv_path = tmp_path / "meta.csv"
     csv_path.write_text(f"{header}\nimg_1{',mel' * header.count(',')}\n")
-    result = _cli("-m", "shards", "pack", "--out", str(tmp_path / "out"), "--images", str(images), "--csv",
+    result = run_cli("-m", "shards", "pack", "--out", str(tmp_path / "out"), "--images", str(images), "--csv",
                   str(csv_path))
-    _one_line_error(result, str(csv_path), *needles)
+    assert_one_line_error(result, str(csv_path), *needles)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -317,27 +294,9 @@ def test_code_shards_use_the_smallest_integer_dtype_holding_the_codebook() -> No
         assert stored.dtype == code_dtype(k) and (stored == grid).all()
 
 
-# ----- a tiny run through every stage, shared by several tests -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Any]:
-    run_dir = tmp_path_factory.mktemp("hostile-chain") / "run"
-    run_dir.mkdir()
-    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run_dir)
-    config = str(run_dir / "config.json")
-    _ok(_cli("vqvae/train.py", "--config", config))
-    _ok(_cli("vqvae/encode.py", "--config", config, "--shard-index", "0", "--num-shards", "1"))
-    _ok(_cli("prior/train.py", "--config", config))
-    sample_logs = [_ok(_cli("prior/sample.py", "--config", config, "--shard-index", str(i), "--num-shards", "2")).stderr
-                   for i in range(2)]
-    return {"run_dir": run_dir, "config": config, "sample_logs": sample_logs}
-
-
 @pytest.mark.slow
-def test_encode_and_sample_store_uint8_codes_for_a_small_codebook(chain: dict[str, Any]) -> None:
-    run_dir = chain["run_dir"]
+def test_encode_and_sample_store_uint8_codes_for_a_small_codebook(finished_run: FinishedRun) -> None:
+    run_dir = finished_run.run_dir
     for folder in (run_dir / "codes" / "val", run_dir / "samples"):
         sample = next(iter(wds.WebDataset(sorted(str(p) for p in folder.glob("shard-*.tar")), shardshuffle=False,
                                           empty_check=False)))
@@ -371,11 +330,11 @@ def test_bad_class_trains_refused_and_encode_stops_with_one_line_naming_the_samp
     _add_to_split(run_dir / "data" / "train", [*good, {"__key__": "bad_99", "jpg": _jpg(), "cls": b"99", "json": b"{}"},
                                                {"__key__": "bad_neg", "jpg": _jpg(), "cls": b"-1", "json": b"{}"}])
     config = str(run_dir / "config.json")
-    trained = _ok(_cli("vqvae/train.py", "--config", config))
+    trained = assert_ok(run_cli("vqvae/train.py", "--config", config))
     assert "bad_99" in trained.stderr and "class 99 is outside 0..6" in trained.stderr
     assert "class -1 is outside 0..6" in trained.stderr
-    encoded = _cli("vqvae/encode.py", "--config", config)
-    _one_line_error(encoded, "shard-000099.tar", "bad_99: refused: class 99 is outside 0..6")
+    encoded = run_cli("vqvae/encode.py", "--config", config)
+    assert_one_line_error(encoded, "shard-000099.tar", "bad_99: refused: class 99 is outside 0..6")
     assert not (run_dir / "codes" / "manifest.json").exists() and not _temps(run_dir)
 
 
@@ -408,10 +367,10 @@ def test_codes_outside_the_codebook_are_refused_by_prior_training_and_the_report
     """Old code: prior training died with an IndexError in the embedding, the report with a broadcast error."""
     config = _code_run(tmp_path / "run", 32, 8, {"code_32": np.full((8, 8), 32, np.int16),
                                                   "code_neg": np.full((8, 8), -3, np.int32)})
-    trained = _ok(_cli("prior/train.py", "--config", config))
+    trained = assert_ok(run_cli("prior/train.py", "--config", config))
     assert "codes span 32..32, outside 0..31" in trained.stderr and "codes span -3..-3" in trained.stderr
     assert "Traceback" not in trained.stderr
-    report = _ok(_cli("-m", "launch.report", str(tmp_path / "run")))
+    report = assert_ok(run_cli("-m", "launch.report", str(tmp_path / "run")))
     assert "Traceback" not in report.stderr
     usage = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())["codebook_train"]
     assert usage, "the code histogram was computed from the in-range codes"
@@ -444,7 +403,7 @@ def test_os_error_lines_name_path_and_cause_and_leave_real_bugs_alone() -> None:
 
 def _pack_on_full_disk(tmpfs) -> tuple[Path, subprocess.CompletedProcess[str]]:
     mnt = tmpfs("disk", "256k")
-    return mnt, _cli("-m", "shards", "synth", "--out", str(mnt / "data"), "data.num_images=300",
+    return mnt, run_cli("-m", "shards", "synth", "--out", str(mnt / "data"), "data.num_images=300",
                      "data.image_size=64", "data.workers=1")
 
 
@@ -464,7 +423,7 @@ def test_disk_full_while_packing_exits_2_naming_the_folder_and_leaves_no_tempora
 @pytest.mark.slow
 def test_disk_full_while_packing_is_one_line_without_any_traceback(tmpfs) -> None:
     mnt, result = _pack_on_full_disk(tmpfs)
-    _one_line_error(result, str(mnt / "data"), "No space left on device [ENOSPC]")
+    assert_one_line_error(result, str(mnt / "data"), "No space left on device [ENOSPC]")
 
 
 def test_save_checkpoint_on_a_full_disk_raises_enospc_naming_the_file_and_cleans_up(tmpfs) -> None:
@@ -492,8 +451,8 @@ def _tmpfs_run(mnt: Path, tiny_data: Path, *extra: str) -> str:
 def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temporary_checkpoint(tmpfs, tiny_data) -> None:
     """Old code: 'RuntimeError: [enforce fail at inline_container.cc:671] . unexpected pos ...' traceback."""
     mnt = tmpfs("disk", "512k")  # a tiny checkpoint is about 950 kB
-    result = _cli("vqvae/train.py", "--config", _tmpfs_run(mnt, tiny_data))
-    _one_line_error(result, str(mnt / "run" / "vqvae" / "checkpoints" / "step-00000005"),
+    result = run_cli("vqvae/train.py", "--config", _tmpfs_run(mnt, tiny_data))
+    assert_one_line_error(result, str(mnt / "run" / "vqvae" / "checkpoints" / "step-00000005"),
                     "No space left on device [ENOSPC]", "free some space")
     assert not _temps(mnt)
     assert not [p for p in (mnt / "run" / "vqvae" / "checkpoints").iterdir()]
@@ -503,22 +462,23 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temporary_check
 def test_disk_full_while_encoding_is_one_line_and_leaves_no_temporary_shard(tmpfs, tiny_data) -> None:
     mnt = tmpfs("disk", "8m")
     config = _tmpfs_run(mnt, tiny_data, "vqvae_train.max_steps=5", "vqvae_train.eval_every=100", "encode.num_tasks=1")
-    _ok(_cli("vqvae/train.py", "--config", config))
+    assert_ok(run_cli("vqvae/train.py", "--config", config))
     _fill(mnt, leave=16 * 1024)
-    result = _cli("vqvae/encode.py", "--config", config)
-    _one_line_error(result, str(mnt / "run" / "codes"), ".tar: No space left on device [ENOSPC]")
+    result = run_cli("vqvae/encode.py", "--config", config)
+    assert_one_line_error(result, str(mnt / "run" / "codes"), ".tar: No space left on device [ENOSPC]")
     assert not _temps(mnt) and not (mnt / "run" / "codes" / "manifest.json").exists()
 
 
 @pytest.mark.slow
-def test_read_only_run_dir_is_one_line_for_training_and_the_report(tmpfs, tiny_data, chain) -> None:
+def test_read_only_run_dir_is_one_line_for_training_and_the_report(tmpfs, tiny_data, finished_run) -> None:
     mnt = tmpfs("ro", "32m")
     fresh = _tmpfs_run(mnt, tiny_data)
-    shutil.copytree(chain["run_dir"], mnt / "done", symlinks=True)
+    copy_run(finished_run.run_dir, mnt / "done")
     _read_only(mnt)
-    _one_line_error(_cli("vqvae/train.py", "--config", fresh), str(mnt / "run"), "Read-only file system [EROFS]")
-    _one_line_error(_cli("-m", "launch.report", str(mnt / "done")), str(mnt / "done" / "report"),
-                    "Read-only file system [EROFS]")
+    assert_one_line_error(run_cli("vqvae/train.py", "--config", fresh), str(mnt / "run"),
+                          "Read-only file system [EROFS]")
+    assert_one_line_error(run_cli("-m", "launch.report", str(mnt / "done")), str(mnt / "done" / "report"),
+                          "Read-only file system [EROFS]")
 
 
 @pytest.mark.parametrize("case", ["under_a_file", "name_too_long", "config_is_a_folder"])
@@ -530,33 +490,33 @@ def test_unusable_run_dir_paths_are_one_line(tmp_path: Path, case: str) -> None:
                "config_is_a_folder": tmp_path / "run"}[case]
     if case == "config_is_a_folder":
         (run_dir / "config.json").mkdir(parents=True)
-    result = _cli("launch/pipeline.py", "wandb=disabled", f"run_dir={run_dir}", "--only", "data")
+    result = run_cli("launch/pipeline.py", "wandb=disabled", f"run_dir={run_dir}", "--only", "data")
     cause = {"under_a_file": "Not a directory [ENOTDIR]", "name_too_long": "File name too long [ENAMETOOLONG]",
              "config_is_a_folder": "Is a directory [EISDIR]"}[case]
     shown = run_dir / "config.json" if case == "config_is_a_folder" else run_dir
-    _one_line_error(result, f"{shown}: {cause}")
+    assert_one_line_error(result, f"{shown}: {cause}")
     assert not _temps(tmp_path)
 
 
 @pytest.mark.slow
 def test_report_on_a_missing_or_empty_dir_says_what_is_wrong(tmp_path: Path) -> None:
-    missing = _cli("-m", "launch.report", str(tmp_path / "nope"))
-    _one_line_error(missing, f"run directory {tmp_path / 'nope'} does not exist")
+    missing = run_cli("-m", "launch.report", str(tmp_path / "nope"))
+    assert_one_line_error(missing, f"run directory {tmp_path / 'nope'} does not exist")
     (tmp_path / "empty").mkdir()
-    empty = _cli("-m", "launch.report", str(tmp_path / "empty"))
-    _one_line_error(empty, f"{tmp_path / 'empty'} is not a lesion-vq run directory: it has no config.json")
+    empty = run_cli("-m", "launch.report", str(tmp_path / "empty"))
+    assert_one_line_error(empty, f"{tmp_path / 'empty'} is not a lesion-vq run directory: it has no config.json")
     assert not any((tmp_path / "empty").iterdir())
 
 
 @pytest.mark.slow
-def test_inspect_reads_a_split_folder_and_code_shards(chain: dict[str, Any]) -> None:
+def test_inspect_reads_a_split_folder_and_code_shards(finished_run: FinishedRun, tmp_path: Path) -> None:
     """Old code: KeyError 'splits' on anything but a packed folder's top level."""
-    run_dir = chain["run_dir"]
+    run_dir = copy_run(finished_run.run_dir, tmp_path / "run")
     for folder, needles in ((run_dir / "data" / "val", ["val ", "checksums: OK", "preview: "]),
                             (run_dir / "codes", ["code shards of a 32-code codebook, grid [8, 8]", "train ",
                                                  "checksums: OK"]),
                             (run_dir / "codes" / "train", ["code shards", "train ", "checksums: OK"])):
-        result = _ok(_cli("-m", "shards", "inspect", str(folder)))
+        result = assert_ok(run_cli("-m", "shards", "inspect", str(folder)))
         for needle in needles:
             assert needle in result.stdout, (folder, result.stdout)
     assert (run_dir / "data" / "preview-val.png").is_file()
@@ -575,8 +535,8 @@ def test_a_split_packed_at_another_size_than_its_folder_says_is_refused(tmp_path
     shutil.copytree(tiny_data, run_dir / "data")
     manifest = read_manifest(run_dir / "data" / "val")
     atomic_write_json(run_dir / "data" / "val" / "manifest.json", manifest | {"image_size": 64})
-    result = _cli("vqvae/train.py", "--config", str(run_dir / "config.json"))
-    _one_line_error(result, "declares image_size 64", "says 32")
+    result = run_cli("vqvae/train.py", "--config", str(run_dir / "config.json"))
+    assert_one_line_error(result, "declares image_size 64", "says 32")
     assert not (run_dir / "vqvae" / "checkpoints").exists()
 
 
@@ -586,20 +546,20 @@ def test_resuming_with_another_world_size_continues_the_epoch_and_is_recorded(tm
     cfg, config = tiny_run("vqvae_train.max_steps=10", "vqvae_train.eval_every=100", "vqvae_train.checkpoint_every=5")
     out = Path(cfg.run_dir) / "vqvae"
     argv, env = accelerate_command("vqvae/train.py", ["--config", str(config)], processes=2)
-    _ok(subprocess.run(argv, cwd=REPO, env=stage_env(**env), capture_output=True, text=True, timeout=300))
+    assert_ok(subprocess.run(argv, cwd=REPO, env=stage_env(**env), capture_output=True, text=True, timeout=300))
     meta = json.loads((out / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert meta["extra"]["world_size"] == 2
     assert json.loads((out / "manifest.json").read_text())["world_size_changes"] == []
     shutil.rmtree(out / "checkpoints" / "step-00000010")
     (out / "manifest.json").unlink()
-    resumed = _ok(_cli("vqvae/train.py", "--config", str(config)))
+    resumed = assert_ok(run_cli("vqvae/train.py", "--config", str(config)))
     assert "with 1 processes instead of 2" in resumed.stderr and "no sample repeated or skipped" in resumed.stderr
     changes = json.loads((out / "manifest.json").read_text())["world_size_changes"]
     assert changes == [{"step": 5, "from": 2, "to": 1, "epoch": meta["epoch"], "position": meta["position"]}]
     assert (meta["epoch"], meta["position"]) != (0, 0)
     # Killed after its last checkpoint, before the manifest: a rerun writes the outputs and trains no further.
     (out / "manifest.json").unlink()
-    _ok(_cli("vqvae/train.py", "--config", str(config)))
+    assert_ok(run_cli("vqvae/train.py", "--config", str(config)))
     assert json.loads((out / "manifest.json").read_text())["steps"] == 10
     assert not (out / "checkpoints" / "step-00000011").exists()
 
@@ -608,17 +568,17 @@ def test_resuming_with_another_world_size_continues_the_epoch_and_is_recorded(tm
 
 
 @pytest.mark.slow
-def test_sampling_prints_no_numpy_not_writable_warning(chain: dict[str, Any]) -> None:
-    logs = "".join(chain["sample_logs"])
+def test_sampling_prints_no_numpy_not_writable_warning(finished_run: FinishedRun) -> None:
+    logs = finished_run.result.stderr
     assert "all 2 tasks done" in logs and "not writable" not in logs and "UserWarning" not in logs
 
 
 @pytest.mark.slow
-def test_sample_grid_rows_carry_their_class_names(chain: dict[str, Any]) -> None:
+def test_sample_grid_rows_carry_their_class_names(finished_run: FinishedRun) -> None:
     """Old code: the grid had no labels (exactly per_class cells wide)."""
-    grid = np.asarray(Image.open(chain["run_dir"] / "samples" / "samples.png").convert("L"))
+    grid = np.asarray(Image.open(finished_run.run_dir / "samples" / "samples.png").convert("L"))
     cell, pad = 32 + 2, 2  # 32-px samples, make_grid padding
-    margin = grid.shape[1] - (pad + cell * 1)  # sample.per_class=1 in the tiny config
+    margin = grid.shape[1] - (pad + cell * 1)  # one column: as wide as the rarest class (sample.min_per_class=1)
     assert grid.shape[0] == pad + cell * len(CLASSES) and margin > 20
     for row in range(len(CLASSES)):  # dark text pixels beside every row
         band = grid[pad + row * cell: pad + row * cell + 32, :margin]
@@ -636,10 +596,11 @@ def test_save_grid_labels_rows_on_a_margin(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_report_path_is_not_printed_by_the_report_stage(chain: dict[str, Any]) -> None:
+def test_the_report_path_is_not_printed_by_the_report_stage(finished_run: FinishedRun, tmp_path: Path) -> None:
     """The pipeline prints it in its summary; old code printed 'report: ...' a second time."""
-    result = _ok(_cli("-m", "launch.report", "--config", chain["config"]))
-    path = str(chain["run_dir"] / "report" / "report.html")
+    run_dir = copy_run(finished_run.run_dir, tmp_path / "run")
+    result = assert_ok(run_cli("-m", "launch.report", "--config", run_dir / "config.json"))
+    path = str(run_dir / "report" / "report.html")
     assert "report:" not in result.stdout and (result.stdout + result.stderr).count(path) == 1
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, FinishedRun, copy_run, run_pipeline, stage_env, tiny_config
 from PIL import Image
 
 from judge.classifier import frechet_distance, mix_weights
@@ -128,20 +128,11 @@ def test_balanced_judge_loss_weights_each_sample_by_its_class() -> None:
     assert float(task.loss(model, empty)[0]) == 0.0
 
 
-def _pipeline(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(config), *args], cwd=REPO,
-                          env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
-
-
 @pytest.mark.slow
-def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_path: Path, tiny_data: Path) -> None:
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run_dir)
+def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_path: Path,
+                                                                          finished_run: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path / "run")
     config = run_dir / "config.json"
-    first = _pipeline(config)
-    assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
     for key in ("classifier_val_accuracy", "classifier_val_balanced_accuracy", "fd_reconstructions", "fd_samples",
                 "fd_real_train_floor", "fd_samples_floor", "classifier_recon_balanced_accuracy",
@@ -151,12 +142,12 @@ def test_evaluate_is_deterministic_and_the_classifier_is_cached_by_lineage(tmp_p
     assert 0 <= metrics["classifier_recon_balanced_accuracy"] <= 1
     assert set(metrics["sample_class_agreement_per_class"]) <= {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}
 
-    again = _pipeline(config, "--only", "evaluate")
+    again = run_pipeline(config, "--only", "evaluate")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"] == metrics
 
     weights = (run_dir / "classifier" / "final" / "model.safetensors").read_bytes()
-    changed = _pipeline(config, "prior.filters=24")
+    changed = run_pipeline(config, "sample.temperature=0.9")  # new samples: evaluate again, the judge is kept
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "stage classifier: skip: up to date" in changed.stderr
     assert "stage evaluate: run: upstream sample is re-made first" in changed.stderr
@@ -171,15 +162,10 @@ IMAGES_KEYS = ("recon_psnr", "recon_ssim", "recon_mse", "fd_reconstructions", "f
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A tiny run with every stage done (read-only for these tests, except its judged/ folder)."""
-    run_dir = tmp_path_factory.mktemp("judged") / "run"
-    run_dir.mkdir()
-    (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run_dir, "sample.class_mix=data", "sample.per_class=2", "sample.min_per_class=1")
-    done = _pipeline(run_dir / "config.json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
+def finished_run(finished_run: FinishedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's finished run (its samples in the data's class mix), for this module's tests to
+    judge with: they write only its judged/ folder."""
+    return copy_run(finished_run.run_dir, tmp_path_factory.mktemp("judged") / "run")
 
 
 @pytest.mark.slow

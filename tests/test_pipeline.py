@@ -8,29 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, FinishedRun, assert_ok, copy_run, run_pipeline, stage_env, tiny_config
 
 STAGE_MANIFESTS = ["data/manifest.json", "vqvae/manifest.json", "codes/manifest.json", "prior/manifest.json",
                    "samples/manifest.json"]
 
 
-def pipeline(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch/pipeline.py", *args], cwd=REPO, env=stage_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    tiny_config(run_dir)
-    result = pipeline("--config", str(run_dir / "config.json"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir, result
-
-
 @pytest.mark.slow
-def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
-    run_dir, result = finished_run
+def test_runs_every_stage_and_says_where_outputs_are(finished_run: FinishedRun) -> None:
+    run_dir, result = finished_run.run_dir, finished_run.result
     for manifest in STAGE_MANIFESTS:
         assert (run_dir / manifest).is_file(), manifest
     report = run_dir / "report" / "report.html"
@@ -49,22 +35,20 @@ def test_runs_every_stage_and_says_where_outputs_are(finished_run: tuple[Path, s
 
 
 @pytest.mark.slow
-def test_rerun_skips_complete_stages(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
-    run_dir, _ = finished_run
+def test_rerun_skips_complete_stages(finished_run: FinishedRun, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run.run_dir, tmp_path / "run")
     before = {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS}
-    again = pipeline("--config", str(run_dir / "config.json"))
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = assert_ok(run_pipeline(run_dir / "config.json"))
     for stage in ("data", "vqvae", "encode", "prior", "sample"):
         assert f"stage {stage}: skip: up to date" in again.stderr
     assert {m: (run_dir / m).stat().st_mtime_ns for m in STAGE_MANIFESTS} == before
 
 
 @pytest.mark.slow
-def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedProcess]) -> None:
-    run_dir, _ = finished_run
+def test_only_forces_one_stage(finished_run: FinishedRun, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run.run_dir, tmp_path / "run")
     weights = (run_dir / "vqvae" / "manifest.json").read_text()
-    result = pipeline("--config", str(run_dir / "config.json"), "--only", "sample")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = assert_ok(run_pipeline(run_dir / "config.json", "--only", "sample"))
     assert "stage sample: run: forced (--from/--only); current outputs kept in" in result.stderr
     assert "stage vqvae" not in result.stderr
     assert (run_dir / "vqvae" / "manifest.json").read_text() == weights
@@ -76,8 +60,7 @@ def test_only_forces_one_stage(finished_run: tuple[Path, subprocess.CompletedPro
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
     tiny_config(tmp_path / "run")
-    result = pipeline("--config", str(tmp_path / "run" / "config.json"), "--dry-run", "--processes", "2")
-    assert result.returncode == 0, result.stderr
+    result = assert_ok(run_pipeline(tmp_path / "run" / "config.json", "--dry-run", "--processes", "2"))
     for stage in ("data", "vqvae", "encode", "prior", "sample", "report"):
         assert f"[{stage}] run" in result.stdout
     assert "--num_processes 2" in result.stdout and "ACCELERATE_USE_CPU=1" in result.stdout
