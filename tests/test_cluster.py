@@ -7,7 +7,6 @@ Skipped (with the reason) when ``sinfo`` is missing or the cluster is not usable
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TERMINAL_STATES, need_slurm, run_quiet, stage_env, tiny_config
+from helpers import REPO, TERMINAL_STATES, FinishedRun, need_slurm, run_quiet, stage_env, tiny_config
 
 from runtime.checkpoint import list_checkpoints
 from runtime.config import build_config, save_config
@@ -89,75 +88,23 @@ def _checkpoints(run_dir: Path, stage: str = "vqvae") -> list[Path]:
     return list_checkpoints(run_dir / stage / "checkpoints")  # complete ones only, never a *.tmp-* being written
 
 
-def _output_digests(run: Path) -> dict[str, str]:
-    """What must be identical between two runs of the same config (see "Determinism" in the README)."""
-    out: dict[str, str] = {}
-    for split in ("train", "val", "test"):
-        for shard in json.loads((run / "data" / split / "manifest.json").read_text())["shards"]:
-            out[f"data/{split}/{shard['name']}"] = shard["sha256"]
-    for stage in ("vqvae", "prior"):
-        manifest = json.loads((run / stage / "manifest.json").read_text())
-        out[f"{stage} tensors"] = ",".join(manifest["rank_state_digests"])
-        out[f"{stage} weights file"] = manifest["weights_sha256"]
-        out[f"{stage} steps"] = str(manifest["steps"])
-    for tar in [*sorted((run / "codes").rglob("*.tar")), *sorted((run / "samples").glob("*.tar"))]:
-        out[str(tar.relative_to(run))] = hashlib.sha256(tar.read_bytes()).hexdigest()
-    return out
-
-
-# ----- 1. the whole chain through submitit ---------------------------------------------------------
+# ----- 1. a failing stage of a chain through submitit (the whole chain: tests/test_multinode.py) ------
 @pytest.fixture(autouse=True)
 def _cluster_up() -> None:
     need_slurm()
 
 
-@pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], float]:
-    """`pipeline.py --cluster --wait` from scratch (data -> ... -> report), shared by two tests."""
-    need_slurm()  # module fixtures run before the autouse check
-    run_dir = tmp_path_factory.mktemp("cluster-chain") / "run"
-    tiny_config(run_dir)
-    started = time.monotonic()
-    result = _pipeline("--cluster", "--wait", "--config", str(run_dir / "config.json"), timeout=480)
-    return run_dir, result, time.monotonic() - started
-
-
-@pytest.mark.timeout(660)
-def test_cluster_chain_matches_local_run(cluster_run, tmp_path: Path) -> None:
-    run_dir, result, seconds = cluster_run
-    assert result.returncode == 0, f"cluster run failed ({seconds:.0f}s):\n{result.stdout}\n{result.stderr[-3000:]}"
-    ids = _submitted(result.stdout)
-    assert list(ids) == ["data", "vqvae", "encode", "prior", "sample", "classifier", "evaluate", "export", "report"], \
-        result.stdout
-    assert "array of 2" in result.stdout
-    for stage, job in ids.items():
-        rows = _sacct(job)
-        assert rows and all(r[1] == "COMPLETED" for r in rows), f"{stage} {job}: {rows}"
-    assert len(_sacct(ids["encode"])) == 2 and len(_sacct(ids["sample"])) == 2, "arrays did not run 2 tasks"
-    assert (run_dir / "report" / "report.html").is_file()
-    assert (run_dir / "samples" / "samples.png").is_file()
-    assert list((run_dir / "slurm" / "vqvae").glob("*/*_log.out")), "submitit logs missing"
-
-    local_dir = tmp_path / "local"
-    tiny_config(local_dir)
-    local = _pipeline("--config", str(local_dir / "config.json"), timeout=400)
-    assert local.returncode == 0, local.stderr[-3000:]
-    cluster_digests, local_digests = _output_digests(run_dir), _output_digests(local_dir)
-    assert len(cluster_digests) > 10
-    differ = {k: (v, local_digests.get(k)) for k, v in cluster_digests.items() if local_digests.get(k) != v}
-    assert not differ and cluster_digests.keys() == local_digests.keys(), f"cluster != local: {differ}"
-
-
 @pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
-def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(cluster_run, tmp_path: Path) -> None:
-    src, result, _ = cluster_run
-    assert result.returncode == 0, "the shared cluster run failed (see test_cluster_chain_matches_local_run)"
-    # A run directory of its own, with data/vqvae/encode already complete (copied from the chain run).
-    run_dir = tmp_path / "run"
+def test_failing_stage_cancels_dependants_and_rerun_submits_only_missing(finished_run: FinishedRun,
+                                                                         tmp_path: Path) -> None:
+    # A run directory of its own, with data/vqvae/encode/classifier already complete (copied from the session's
+    # finished run) and a short prior to make.
+    src, run_dir = finished_run.run_dir, tmp_path / "run"
     for name in ("data", "vqvae", "codes", "classifier"):
         shutil.copytree(src / name, run_dir / name)
     base = json.loads((src / "config.json").read_text())
-    save_config(build_config(base=base, overrides=[f"run_dir={run_dir}"]), run_dir / "config.json")
+    save_config(build_config(base=base, overrides=[f"run_dir={run_dir}", "prior_train.max_steps=20"]),
+                run_dir / "config.json")
     config = str(run_dir / "config.json")
 
     # prior_train.lr=1e30 passes validation, but the loss becomes non-finite: the prior job fails.

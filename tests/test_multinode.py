@@ -29,6 +29,7 @@ from helpers import REPO, TERMINAL_STATES, need_slurm_nodes, run_quiet, stage_en
 from runtime.checkpoint import list_checkpoints
 from runtime.launcher import accelerate_command
 from runtime.lineage import claim_run_dir
+from runtime.stages import STAGE_NAMES
 
 pytestmark = pytest.mark.slurm
 
@@ -243,6 +244,19 @@ def test_pipeline_trains_on_two_nodes_like_two_local_processes(chain, reference_
         logs = sorted((run_dir / "slurm" / stage / ids[stage]).glob("*_log.err"))
         assert len(logs) == 2, logs
         _assert_rendezvous("".join(p.read_text() for p in logs), nodes)
+
+
+@pytest.mark.timeout(900)
+def test_every_stage_of_the_chain_is_a_completed_job_in_order(chain) -> None:
+    run_dir, result, ids = chain
+    assert result.returncode == 0, f"cluster chain failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+    assert list(ids) == list(STAGE_NAMES), result.stdout
+    assert "array of 2" in result.stdout
+    for stage, job in ids.items():
+        rows = _sacct(job)
+        assert rows and all(r[1] == "COMPLETED" for r in rows), f"{stage} {job}: {rows}"
+    assert (run_dir / "report" / "report.html").is_file() and (run_dir / "samples" / "samples.png").is_file()
+    assert list((run_dir / "slurm" / "data").glob("*/*_log.out")), "submitit logs missing"
 
 
 @pytest.mark.timeout(900)
