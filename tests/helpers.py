@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import subprocess
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import webdataset as wds
 
-from runtime.config import RunConfig, build_config, save_config
+from runtime.config import CLASSES, RunConfig, build_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +66,38 @@ def tiny_config(run_dir: Path, *extra: str) -> RunConfig:
 def stage_env(**extra: str) -> dict[str, str]:
     """Environment for stage subprocesses: quiet, single-threaded math so 2 processes share 2 cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int, cfg: RunConfig) -> None:
+    """Synthetic code shards whose code distribution depends on the class: class c uses code c at
+    ~70% of positions, other codes uniformly elsewhere (a signal only a conditional prior can use).
+    Their manifest is that of an encode stage of ``cfg`` with no recorded upstream."""
+    from runtime.files import atomic_write_json
+    from runtime.lineage import identity
+    from shards.manifest import CODE_FORMAT, describe_shard
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", per_class), ("val", 4)):
+        (out / split).mkdir(parents=True)
+        path = out / split / "shard-000000.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(n * len(CLASSES)):
+                label = i % len(CLASSES)
+                codes = np.where(rng.random((grid, grid)) < 0.7, label, rng.integers(0, codebook, (grid, grid)))
+                buf = io.BytesIO()
+                np.save(buf, codes.astype(np.int16), allow_pickle=False)
+                sink.write({"__key__": f"img_{split}_{i:05d}", "codes.npy": buf.getvalue(),
+                            "cls": str(label).encode(), "json": b"{}"})
+        count = n * len(CLASSES)
+        atomic_write_json(out / split / "manifest.json", {
+            "format": CODE_FORMAT, "split": split, "num_samples": count, "codebook_size": codebook,
+            "grid": [grid, grid], "shards": [describe_shard(path, count)]})
+        splits[split] = {"num_samples": count}
+    atomic_write_json(out / "manifest.json", {"format": CODE_FORMAT, "codebook_size": codebook,
+                                               "grid": [grid, grid], "splits": splits, "upstream": {},
+                                               "identity": identity(cfg, "encode", {}), "content": "test",
+                                               "settings": {}, "lineage": {}})
 
 
 # ----- running the project's command-line entry points ----------------------------------------------

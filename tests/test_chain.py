@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import FinishedRun, assert_ok, copy_run, run_cli, tiny_config
+from helpers import FinishedRun, assert_ok, copy_run, run_cli, tiny_config, write_class_coded_shards
 
 from runtime.config import CLASSES, load_config
 
@@ -129,38 +129,6 @@ def test_train_views_encode_every_symmetry_of_each_training_image(finished_run: 
         json.loads((views / "manifest.json").read_text())["identity"])
 
 
-def _write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int, cfg) -> None:
-    """Synthetic code shards whose code distribution depends on the class: class c uses code c at
-    ~70% of positions, other codes uniformly elsewhere (a signal only a conditional prior can use).
-    Their manifest is that of an encode stage of ``cfg`` with no recorded upstream."""
-    from runtime.files import atomic_write_json
-    from runtime.lineage import identity
-    from shards.manifest import CODE_FORMAT, describe_shard
-
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", per_class), ("val", 4)):
-        (out / split).mkdir(parents=True)
-        path = out / split / "shard-000000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(n * len(CLASSES)):
-                label = i % len(CLASSES)
-                codes = np.where(rng.random((grid, grid)) < 0.7, label, rng.integers(0, codebook, (grid, grid)))
-                buf = io.BytesIO()
-                np.save(buf, codes.astype(np.int16), allow_pickle=False)
-                sink.write({"__key__": f"img_{split}_{i:05d}", "codes.npy": buf.getvalue(),
-                            "cls": str(label).encode(), "json": b"{}"})
-        count = n * len(CLASSES)
-        atomic_write_json(out / split / "manifest.json", {
-            "format": CODE_FORMAT, "split": split, "num_samples": count, "codebook_size": codebook,
-            "grid": [grid, grid], "shards": [describe_shard(path, count)]})
-        splits[split] = {"num_samples": count}
-    atomic_write_json(out / "manifest.json", {"format": CODE_FORMAT, "codebook_size": codebook,
-                                               "grid": [grid, grid], "splits": splits, "upstream": {},
-                                               "identity": identity(cfg, "encode", {}), "content": "test",
-                                               "settings": {}, "lineage": {}})
-
-
 @pytest.mark.parametrize("conditional", [True, False])
 @pytest.mark.slow
 def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: bool) -> None:
@@ -175,7 +143,7 @@ def test_class_conditional_samples_differ_by_class(tmp_path: Path, conditional: 
     cfg = tiny_config(tmp_path / "run", f"prior.conditional={str(conditional).lower()}", "prior.filters=32",
                       "prior_train.max_steps=120", "prior_train.lr=3e-3", "prior_train.eval_every=120",
                       "prior_train.checkpoint_every=120")
-    _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
+    write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
     assert_ok(run_cli("prior/train.py", "--config", tmp_path / "run" / "config.json", "--codes", codes_dir))
     model = build_prior(cfg.prior, 16, len(CLASSES))
     load_weights(model, tmp_path / "run" / "prior" / "final" / "model.safetensors")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
-from test_chain import _run, _write_class_coded_shards
+from helpers import assert_ok, run_cli, tiny_config, write_class_coded_shards
 from test_models_prior import CLASSES, GATED, POSITIONS, K, _codes, _dependence, _model, _strictly_before
 from torch import Tensor
 
@@ -254,8 +253,8 @@ def test_trained_by_prior_train_its_conditional_samples_match_their_class(tmp_pa
     cfg = tiny_config(tmp_path / "run", "prior.arch=transformer", "prior.d_model=32", "prior.heads=4",
                       "prior.label_dropout=0.2", "prior_train.max_steps=150", "prior_train.lr=3e-3",
                       "prior_train.eval_every=150", "prior_train.checkpoint_every=150")
-    _write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
-    _run("prior/train.py", "--config", str(tmp_path / "run" / "config.json"), "--codes", str(codes_dir))
+    write_class_coded_shards(codes_dir, codebook=16, grid=6, per_class=24, cfg=cfg)
+    assert_ok(run_cli("prior/train.py", "--config", tmp_path / "run" / "config.json", "--codes", codes_dir))
     model = build_prior(cfg.prior, 16, len(LESION_CLASSES))
     load_weights(model, tmp_path / "run" / "prior" / "final" / "model.safetensors")
     labels = torch.arange(len(LESION_CLASSES)).repeat_interleave(8)
