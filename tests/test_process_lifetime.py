@@ -103,8 +103,7 @@ def test_two_trainers_never_share_one_output_folder(tmp_path: Path, tiny_data: P
         second = run_cli("vqvae/train.py", "--config", str(run_dir / "config.json"))
         # After the data check's progress line: the lock is taken once the inputs are known to be good.
         assert_one_line_error(second, f"another vqvae training is writing to {run_dir / 'vqvae'}", "(pid ")
-                              finally:
-                              procs = _stage_processes(proc)
-                              proc.kill()
-                              _all_gone(procs)
-                              
+    finally:
+        procs = _stage_processes(proc)
+        proc.kill()
+        _all_gone(procs)
