@@ -100,6 +100,49 @@ def write_class_coded_shards(out: Path, codebook: int, grid: int, per_class: int
                                                "settings": {}, "lineage": {}})
 
 
+# ----- hand-made shards and files ----------------------------------------------------------------------
+def write_split(folder: Path, samples: list[dict[str, bytes | str]], **declared: Any) -> Path:
+    """A hand-made split (one shard, manifest consistent with it) of raw samples."""
+    from runtime.files import atomic_write_json
+    from shards.manifest import FORMAT, describe_shard
+
+    folder.mkdir(parents=True)
+    path = folder / "shard-000000.tar"
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    atomic_write_json(folder / "manifest.json", {"format": declared.pop("format", FORMAT), "split": folder.name,
+                                                 "shards": [describe_shard(path, len(samples))],
+                                                 "num_samples": len(samples), **declared})
+    return folder
+
+
+def lesion_jpeg(size: int = 32, label: int = 1) -> bytes:
+    """JPEG bytes of a synthetic lesion of class ``label``."""
+    from shards.images import array_to_jpeg
+    from shards.synth import render_lesion
+
+    return array_to_jpeg(render_lesion(3, label, size), 90)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def code_manifest(codebook_size: int, grid: int) -> dict[str, Any]:
+    """The code-shard fields of a split manifest (codebook size, square grid)."""
+    from shards.manifest import CODE_FORMAT
+
+    return {"format": CODE_FORMAT, "codebook_size": codebook_size, "grid": [grid, grid]}
+
+
+def temp_files(*roots: Path) -> list[Path]:
+    """Temporary files (``*.tmp-*``) left anywhere under ``roots``."""
+    return [p for root in roots for p in root.rglob("*") if ".tmp-" in p.name]
+
+
 # ----- running the project's command-line entry points ----------------------------------------------
 def run_cli(*argv: str | os.PathLike[str], timeout: float = 300, env: dict[str, str] | None = None,
             cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
