@@ -47,6 +47,7 @@ import torch
 
 from bench.common import Row, write_results
 from runtime.config import CLASSES, RunConfig, build_config
+from runtime.files import open_in_place
 from runtime.launcher import REPO_ROOT
 
 SHARED_HAM = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(REPO_ROOT).parent / "shared" / "data")) / \
@@ -150,7 +151,7 @@ def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: 
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # the launcher then uses 1 thread
     argv = [sys.executable, "launch/pipeline.py", "--preset", preset, *overrides, f"run_dir={run_dir}", *extra]
-    with open(log, "ab") as out:
+    with open_in_place(log, "ab") as out:
         return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
 
 

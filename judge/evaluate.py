@@ -50,7 +50,14 @@ from runtime.files import atomic_write_json
 from runtime.integrity import stage_weights, verified_file
 from runtime.lineage import begin_stage, completed_inputs, content_digest, token
 from runtime.log import get_logger
-from runtime.ownership import MARKER, OwnershipError, foreign_entries, read_marker, write_marker
+from runtime.ownership import (
+    MARKER,
+    OwnershipError,
+    foreign_entries,
+    read_marker,
+    refuse_dangerous_output,
+    write_marker,
+)
 from runtime.stages import RunLayout
 from shards.config import DataConfig
 from shards.fingerprint import input_fingerprint
@@ -250,9 +257,11 @@ def _output_path(layout: RunLayout, images_dir: Path, ident: str, out: Path | No
 def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Path | None) -> dict[str, Any]:
     """Judge the images in ``images_dir`` (labels from ``csv``, if given) with the run's models; writes and
     returns the result (see the module docstring)."""
-    manifests = completed_inputs(cfg, "evaluate")  # one line if the run is unfinished or of other settings
     images_dir, csv = Path(images_dir).absolute(), None if csv is None else Path(csv).absolute()
     layout = RunLayout.of(cfg)
+    written = ("output folder", layout.judged) if out is None else ("--out", Path(out))
+    refuse_dangerous_output(written[1], written[0], {"images": images_dir, "CSV": csv})
+    manifests = completed_inputs(cfg, "evaluate")  # one line if the run is unfinished or of other settings
     items, skipped = _image_set(images_dir, csv)
     lineage = {name: token(manifests[name]) for name in ("classifier", "vqvae", "sample")}
     fingerprint = input_fingerprint(DataConfig(source="isic", isic_images=images_dir, isic_csv=csv))

@@ -22,7 +22,7 @@ from runtime.errors import UserError
 from runtime.files import atomic_write_json, read_json
 from runtime.integrity import recorded_problems
 from runtime.lineage import identity, mismatch_reason, token
-from runtime.ownership import MARKER, OwnershipError, foreign_entries, move_aside, read_marker
+from runtime.ownership import MARKER, OwnershipError, checked_history, foreign_entries, move_aside, read_marker
 from runtime.stages import MANIFEST, STAGES, RunLayout, Stage, read_manifest, read_stage_manifest
 
 Action = Literal["skip", "resume", "restore", "run"]
@@ -114,6 +114,8 @@ def make_plan(cfg: RunConfig, selected: list[str], forced: set[str]) -> list[Ste
             raise OwnershipError(f"{folder} already holds files lesion-vq did not create (no {MARKER}); nothing "
                                  "was changed. Move them elsewhere or choose another run_dir")
         step = _step(cfg, spec, folder, current, marker, tokens, remade, forced, layout)
+        if step.keep_aside or step.restore_from:
+            checked_history(layout.root)  # refused now, before any step moves anything
         steps.append(step)
         if step.action in ("run", "resume"):
             remade.add(spec.name)

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from launch.plan import stage_timings
 from runtime.cli import run_cli
 from runtime.config import CLASSES, ConfigError, RunConfig, add_config_args, config_from_args
-from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text, naming, read_json
+from runtime.files import atomic_write_bytes, atomic_write_json, naming, read_json
 from runtime.lineage import claim_run_dir, claim_stage_dir
 from runtime.log import get_logger
 from runtime.stages import STAGES, RunLayout
@@ -248,7 +248,9 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 img{{max-width:100%;image-rendering:pixelated}}figure{{margin:1em 0}}figcaption{{font-size:85%;color:#555}}
 pre{{background:#f6f6f6;padding:1em;font-size:80%;overflow:auto}}</style></head><body>{body}</body></html>"""
     path = out / "report.html"
-    atomic_write_text(path, page)
+    # backslashreplace: a file name with bytes that are not UTF-8 (kept in the data manifest's skipped list) is
+    # shown as \udcXX instead of failing the report on every rerun.
+    atomic_write_bytes(path, page.encode("utf-8", "backslashreplace"))
     return path
 
 

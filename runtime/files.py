@@ -12,13 +12,18 @@ our outputs must be able to read reports, manifests, shards and weights.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
+
+from runtime.errors import UserError
 
 TMP_MARK = ".tmp-"
 
@@ -70,6 +75,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
             fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class InPlaceWriteError(UserError):
+    """A file to be written in place is a symbolic link or not a regular file: refused, never followed."""
+
+
+_IN_PLACE_FLAGS = {"ab": os.O_WRONLY | os.O_APPEND, "rb+": os.O_RDWR, "xb": os.O_WRONLY | os.O_EXCL}
+
+
+def open_in_place(path: Path, mode: Literal["ab", "rb+", "xb"]) -> BinaryIO:
+    """``path`` opened for writing without a temporary name (a lock, a log appended to, a file just made):
+    created with FILE_MODE if missing (``xb``: must not exist yet), never truncated, never through a symbolic
+    link (O_NOFOLLOW: a link planted there could point at any file of the user), and only if it is a regular
+    file (O_NONBLOCK while checking: a FIFO planted there would block the open forever)."""
+    flags = _IN_PLACE_FLAGS[mode] | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, FILE_MODE)
+    except OSError as err:
+        if err.errno == errno.ELOOP or (err.errno == errno.EEXIST and Path(path).is_symlink()):
+            raise InPlaceWriteError(f"{path} is a symbolic link; lesion-vq never writes through one (it could point "
+                                    "at any file): remove the link and rerun") from None
+        if err.errno == errno.ENXIO:  # a FIFO without a reader
+            raise InPlaceWriteError(f"{path} is a FIFO, not a regular file; remove it and rerun") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InPlaceWriteError(f"{path} is not a regular file (a FIFO, device or socket?); lesion-vq writes only "
+                                "its own regular files: remove it and rerun")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "wb" if mode == "xb" else mode)
 
 
 def fsync_dir(directory: Path) -> None:

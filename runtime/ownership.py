@@ -46,14 +46,19 @@ def is_within(path: Path, folder: Path) -> bool:
 
 
 def refuse_dangerous_output(out: Path, what: str, inputs: dict[str, Path | None]) -> None:
-    """An output folder must not be (or contain) the repository or any input: writing there could
-    overwrite or, on a rerun, replace them. ``inputs`` names each input path (None: not used)."""
+    """An output must not be (or contain) the repository or any input: writing there could overwrite or, on a
+    rerun, replace them; nor lie inside an input folder: what it writes (reconstruction PNGs, samples, shards)
+    would be read back as input on the next run. ``inputs`` names each input path (None: not used)."""
     if is_within(REPO_ROOT, out):
         raise OwnershipError(f"{what} {out} is or contains the lesion-vq repository ({REPO_ROOT}); "
                              "choose a folder of its own, e.g. runs/NAME")
     for name, path in inputs.items():
         if path is not None and is_within(path, out):
             raise OwnershipError(f"{what} {out} contains the input {name} {path}; choose another output folder "
+                                 "(outputs and inputs must not overlap)")
+        if path is not None and Path(path).is_dir() and is_within(out, path):
+            raise OwnershipError(f"{what} {out} is inside the input {name} {path}: its outputs would be read "
+                                 "back as input on the next run; choose an output folder outside it "
                                  "(outputs and inputs must not overlap)")
 
 
@@ -80,9 +85,27 @@ def foreign_entries(folder: Path, allowed: set[str]) -> list[str]:
     return out
 
 
+def checked_history(parent: Path) -> Path:
+    """``parent/.history``, where superseded outputs are kept, refused (one line, before anything moves) when it
+    cannot take a rename from ``parent``: a dangling link, not a folder, or on another file system (a link to
+    another disk, a quota workaround): outputs are kept by renaming, never by copying and deleting."""
+    history = Path(parent) / ".history"
+    if history.is_symlink() and not history.exists():
+        raise OwnershipError(f"{history} is a symbolic link to {os.readlink(history)!r}, which does not exist; "
+                             "create that folder or remove the link (outputs replaced by a rerun are kept there)")
+    if history.exists() and not history.is_dir():
+        raise OwnershipError(f"{history} exists and is not a folder; move it away (outputs replaced by a rerun are "
+                             "kept in .history/)")
+    if history.is_dir() and history.stat().st_dev != Path(parent).stat().st_dev:
+        raise OwnershipError(f"{history} is on another file system than {parent} (it leads to {history.resolve()}); "
+                             "outputs are kept aside by renaming, never by copying and deleting, so it must be on "
+                             f"the same file system: move it away (mv {history} {history}.old) and rerun")
+    return history
+
+
 def history_path(folder: Path, label: str) -> Path:
     """A free name under ``folder.parent/.history`` for a superseded folder."""
-    base = folder.parent / ".history" / f"{folder.name}@{label}"
+    base = checked_history(folder.parent) / f"{folder.name}@{label}"
     candidate, n = base, 1
     while candidate.exists() or candidate.is_symlink():
         n += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.files import open_in_place
 
 WATCH_ENV = "LESION_VQ_DIE_WITH_PARENT"
 """Set (to a signal name) for processes that must not outlive their parent; read in :func:`run_cli`."""
@@ -52,23 +54,79 @@ class BusyError(UserError):
     pass
 
 
+LOCK_ENV = "LESION_VQ_LOCK"
+"""How run and stage folders are locked: ``flock`` (default; released by the kernel however the holder dies) or
+``create`` (a ``LOCK.held`` file created exclusively and removed at exit, for file systems without flock: NFS
+mounted ``nolock``, Lustre without ``-o flock``). A ``.held`` file left by a killed run on this host is removed
+by the next one once its process is gone; on another host it names its holder."""
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {os.uname().nodename}"
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (released by the kernel when the process dies, however it
-    dies), or fail at once with ``busy`` and the holder."""
+    """Hold an exclusive lock on ``path`` (see :data:`LOCK_ENV`), or fail at once with ``busy`` and the holder.
+    The lock file is written in place, so never through a symbolic link (runtime.files.open_in_place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    kind = os.environ.get(LOCK_ENV, "flock")
+    if kind not in ("flock", "create"):
+        raise BusyError(f"{LOCK_ENV}={kind!r}; allowed: flock (default) or create (for file systems without flock)")
+    if kind == "create":
+        with _created_lock(path.with_name(path.name + ".held"), busy):
+            yield
+        return
+    with open_in_place(path, "rb+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
+            holder = fh.read().decode(errors="replace").strip() or "unknown"
             raise BusyError(f"{busy} ({holder}); wait for it to finish or stop it first") from None
-        fh.seek(0)
+        except OSError as err:
+            if err.errno not in _NO_FLOCK:
+                raise
+            raise BusyError(f"{path}: the file system does not support flock locks ({errno.errorcode[err.errno]}: "
+                            "NFS mounted nolock, or Lustre without -o flock?); rerun with LESION_VQ_LOCK=create "
+                            "(a lock file created exclusively, removed at exit) or use a run_dir on a file system "
+                            "with locks") from None
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.write(_holder().encode())
         fh.flush()
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _created_lock(held: Path, busy: str) -> Iterator[None]:
+    """LESION_VQ_LOCK=create: ``held`` created with O_EXCL (atomic on NFS v3+ and Lustre) holding the holder."""
+    for attempt in (1, 2):
+        try:
+            with open_in_place(held, "xb") as fh:
+                fh.write(_holder().encode())
+            break
+        except FileExistsError:
+            holder = held.read_text(errors="replace").strip() if not held.is_symlink() else "a symbolic link"
+            pid, _, host = holder.removeprefix("pid ").partition(" on ")
+            if attempt == 1 and host == os.uname().nodename and pid.isdigit() and not _alive(int(pid)):
+                held.unlink(missing_ok=True)  # left by a killed run of ours on this host
+                continue
+            raise BusyError(f"{busy} ({holder or 'unknown'}; lock file {held}): wait for it to finish, or delete "
+                            "the file if that process is gone") from None
+    try:
+        yield
+    finally:
+        held.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from runtime.files import atomic_write_text, naming
+from runtime.files import atomic_write_text, naming, open_in_place
 from runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -47,8 +47,8 @@ class RunLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with naming(self.path), open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with naming(self.path), open_in_place(self.path, "ab") as fh:  # appended: never through a symlink
+            fh.write((json.dumps(row) + "\n").encode())
         if self._wandb is not None:
             import wandb
 

@@ -49,6 +49,11 @@ def key_problem(image_id: str) -> str | None:
             return f"id {image_id!r} contains {bad!r}, which breaks webdataset key grouping"
     if image_id.startswith("__") or _CONTROL.search(image_id):
         return f"id {image_id!r} starts with '__' or has control characters (reserved by webdataset)"
+    if not image_id.isascii():
+        try:
+            image_id.encode("utf-8")
+        except UnicodeEncodeError:  # a file name with bytes that are not UTF-8: no JSON or tar key can hold it
+            return f"id {image_id!r} holds bytes that are not UTF-8; rename the file"
     return None
 
 
@@ -73,10 +78,10 @@ def open_image(data: bytes, where: str, formats: tuple[str, ...] = ACCEPTED_FORM
     try:
         img = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError:
-        raise ImageRejected(f"{where}: not a {' or '.join(formats)} image (its first bytes look like "
+        raise ImageRejected(f"{where}: cannot decode: not a {' or '.join(formats)} image (its first bytes look like "
                             f"{_sniffed(data)}); only {', '.join(formats)} files are accepted") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageRejected(f"{where}: cannot read image header ({type(err).__name__}: {err})") from None
+        raise ImageRejected(f"{where}: cannot decode image header ({type(err).__name__}: {err})") from None
     if getattr(img, "n_frames", 1) != 1 or getattr(img, "is_animated", False):
         raise ImageRejected(f"{where}: {img.format} with {getattr(img, 'n_frames', '?')} frames (animated or "
                             "multi-frame); only single-frame images are accepted")

@@ -16,7 +16,9 @@ Nothing is dropped silently: every unusable row, file or folder becomes a ``skip
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
+import os
+import stat
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,22 +44,99 @@ class Record:
     row: dict[str, str]
 
 
+PLACEHOLDER_LESION_IDS = frozenset({"NA", "N/A", "NAN", "NONE", "NULL", "UNKNOWN", "MISSING", "-", "?"})
+"""lesion_id values that say "not known" (compared case-insensitively; empty too): each such image is split as a
+lesion of its own, never grouped with every other unknown one into a single giant "lesion"."""
+LESION_SHARE_LIMIT = 0.02
+"""A lesion holding more than this share of the images (and more than :data:`LESION_IMAGES_LIMIT`) is named in
+the notes: HAM10000's largest lesion has 6 images of 10,015; one holding hundreds is a placeholder we missed."""
+LESION_IMAGES_LIMIT = 20
+
+
 @dataclass
 class Ingested:
     layout: str
     description: str
     records: list[Record] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Facts about usable input worth a look (placeholder lesion ids, an implausibly large lesion)."""
 
     def skip(self, image_id: str, path: Path | str, kind: str, reason: str) -> None:
         self.skipped.append({"id": image_id, "path": str(path), "kind": kind, "reason": reason})
 
 
+PSEUDO_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+"""Kernel views, not data: reading their files gives EINVAL or blocks, and their links lead anywhere."""
+
+
+def check_input_folder(folder: Path, what: str) -> None:
+    """Refuse (one line) an input folder that does not exist or lies on a pseudo file system."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IngestError(f"{what} {folder} does not exist or is not a folder")
+    real = folder.resolve()
+    for pseudo in PSEUDO_FILE_SYSTEMS:
+        if real == pseudo or pseudo in real.parents:
+            raise IngestError(f"{what} {folder} is inside {pseudo}, a kernel pseudo file system, not a folder of "
+                              "images; give the folder holding the image files")
+
+
+def _odd_entry(path: Path) -> tuple[str, str]:
+    """(kind, reason) for a directory entry that is neither a regular file nor a folder."""
+    if path.is_symlink() and not path.exists():
+        return "broken_link", f"{path.name}: symbolic link to {os.readlink(path)!r}, which does not exist"
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return "unreadable", f"{path.name}: cannot be examined ({err.strerror or err})"
+    kind = next((name for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+                 if test(mode)), "not a regular file")
+    return "not_a_file", f"{path.name}: {kind}, not an image file; never opened"
+
+
+def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
+    """Every regular file below ``folder``, sorted, with symbolic links to folders followed (a link back to
+    the folder or one above it is reported as a loop, not followed), and ``(path, kind, reason)`` for every
+    other entry (broken link, FIFO, socket, device, unreadable folder): nothing below ``folder`` goes uncounted.
+    Packing (:func:`ingest`) and the data identity (shards/fingerprint.py) both see exactly these files."""
+    folder = Path(folder)
+    files: list[Path] = []
+    odd: list[tuple[Path, str, str]] = []
+
+    def visit(directory: Path, above: frozenset[Path]) -> None:
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as err:
+            odd.append((directory, "unreadable", f"folder {directory} cannot be listed ({err.strerror or err})"))
+            return
+        for path in entries:
+            if path.is_dir():
+                real = path.resolve()
+                if real in above:
+                    odd.append((path, "link_loop", f"{path.name}: symbolic link to {real}, a folder above it; "
+                                                   "not followed"))
+                else:
+                    visit(path, above | {real})
+            elif path.is_file():
+                files.append(path)
+            else:
+                odd.append((path, *_odd_entry(path)))
+
+    root = folder.resolve()
+    visit(folder, frozenset({root, *root.parents}))
+    return sorted(files), odd
+
+
 def _scan_images(folder: Path, result: Ingested) -> dict[str, Path]:
-    """Map image id (file stem) -> file for every JPEG/PNG below ``folder``; other files and
+    """Map image id (file stem) -> file for every JPEG/PNG below ``folder``; other files and entries, and
     ids found twice are reported."""
     found: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files, odd = walk_files(folder)
+    for path, kind, reason in odd:
+        result.skip(path.stem, path, kind, reason)
+    for path in files:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             found[path.stem].append(path)
         else:
@@ -142,6 +221,7 @@ def _from_csv(images_dir: Path, csv_path: Path) -> Ingested:
     class_columns = [c for c in columns if c in set(CLASSES) | set(ONEHOT_ALIASES) | set(OUTSIDE_SEVEN)]
 
     labelled: dict[str, tuple[str, dict[str, str]]] = {}
+    placeholders: Counter[str] = Counter()
     conflicting: set[str] = set()
     unknown: set[str] = set()
     for line, row in enumerate(rows, start=2):
@@ -168,21 +248,48 @@ def _from_csv(images_dir: Path, csv_path: Path) -> Ingested:
         if image_id not in images:
             result.skip(image_id, csv_path, "no_image", f"labelled in the CSV but no image file {image_id}.*")
             continue
-        lesion = row.get("lesion_id") or None
-        _add(result, Record(image_id, CLASSES.index(name), lesion, images[image_id], row))
+        _add(result, Record(image_id, CLASSES.index(name), _lesion(row, placeholders), images[image_id], row))
     for image_id in sorted(set(images) - set(labelled) - unknown):
         result.skip(image_id, images[image_id], "no_label", f"image has no row in {csv_path}")
+    if placeholders and "lesion_id" in columns:
+        shown = ", ".join(f"{v or 'empty'!r}: {n}" for v, n in sorted(placeholders.items()))
+        result.notes.append(f"{sum(placeholders.values())} image(s) have no real lesion_id ({shown}); each is split "
+                            "as a lesion of its own")
     return result
+
+
+def _lesion(row: dict[str, str], placeholders: Counter[str]) -> str | None:
+    """The row's lesion id, or None (counted in ``placeholders``) when it is empty or a placeholder."""
+    value = row.get("lesion_id", "")
+    if value and value.upper() not in PLACEHOLDER_LESION_IDS:
+        return value
+    placeholders[value] += 1
+    return None
+
+
+def _large_lesions(result: Ingested) -> None:
+    """Name every lesion that holds an implausible share of the images (see LESION_SHARE_LIMIT)."""
+    sizes = Counter(r.lesion_id for r in result.records if r.lesion_id is not None)
+    total = len(result.records)
+    for lesion, n in sizes.most_common():
+        if n <= LESION_IMAGES_LIMIT or n <= LESION_SHARE_LIMIT * total:
+            break
+        result.notes.append(f"lesion_id {lesion!r} holds {n} of {total} images ({n / total:.0%}): all of them go to "
+                            "one split; if it is a placeholder for 'unknown', clear it in the CSV")
 
 
 def _from_folders(images_dir: Path) -> Ingested:
     result = Ingested("folders", f"class sub-folders of {images_dir}")
-    subdirs = sorted(p for p in images_dir.iterdir() if p.is_dir())
+    entries = sorted(images_dir.iterdir())
+    subdirs = [p for p in entries if p.is_dir()]
     if not subdirs:
         raise IngestError(f"{images_dir} has no class sub-folders (expected some of "
                           f"{', '.join(CLASSES)}) and no metadata CSV was given (data.isic_csv)")
-    for loose in sorted(p for p in images_dir.iterdir() if p.is_file()):
-        result.skip(loose.stem, loose, "no_label", "file outside any class sub-folder")
+    for loose in entries:
+        if loose.is_file():
+            result.skip(loose.stem, loose, "no_label", "file outside any class sub-folder")
+        elif not loose.is_dir():
+            result.skip(loose.stem, loose, *_odd_entry(loose))
     for sub in subdirs:
         images = _scan_images(sub, result)
         name = sub.name.upper()
@@ -221,12 +328,12 @@ def _dedupe(result: Ingested) -> Ingested:
 def ingest(images_dir: Path, csv_path: Path | None) -> Ingested:
     """Labelled records plus everything skipped, for the given images folder and optional CSV."""
     images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise IngestError(f"images folder {images_dir} does not exist or is not a folder")
+    check_input_folder(images_dir, "images folder")
     if csv_path is not None and not Path(csv_path).is_file():
         raise IngestError(f"metadata CSV {csv_path} does not exist")
     result = _from_csv(images_dir, Path(csv_path)) if csv_path is not None else _from_folders(images_dir)
     result = _dedupe(result)
+    _large_lesions(result)
     if not result.records:
         raise IngestError(f"no usable labelled images in {result.description}; "
                           f"{summarise(result.skipped)}")
@@ -237,8 +344,7 @@ def find_images(images_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]
     """Image id (file stem) -> file for every image below ``images_dir``, labels unknown, and what was
     skipped (other files, ids found twice): for judging a set without a CSV (judge/evaluate.py --images)."""
     images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise IngestError(f"images folder {images_dir} does not exist or is not a folder")
+    check_input_folder(images_dir, "images folder")
     result = Ingested("unlabelled", f"images in {images_dir}")
     images = _scan_images(images_dir, result)
     if not images:

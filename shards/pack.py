@@ -26,7 +26,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from runtime.errors import ConfigError
-from runtime.files import TMP_MARK, atomic_write_json, naming, remove_stale_temps
+from runtime.files import TMP_MARK, atomic_write_json, naming, open_in_place, remove_stale_temps
 from runtime.lineage import StageRun, begin_stage
 from runtime.log import get_logger
 from runtime.ownership import OwnershipError, refuse_dangerous_output
@@ -49,6 +49,11 @@ class EmptyPackError(ConfigError):
     """Packing found nothing it could use: exit 2, and no manifest that would look complete."""
 
 
+def _writing(fname: str) -> Path:
+    """The name a shard is written under until it is complete."""
+    return Path(f"{fname}{TMP_MARK}writing")
+
+
 class _Sink:
     """A ShardWriter whose shards appear under their final name only once complete."""
 
@@ -62,7 +67,7 @@ class _Sink:
                                       opener=self._open, post=self._close)
 
     def _open(self, fname: str) -> BinaryIO:
-        handle = open(f"{fname}{TMP_MARK}writing", "wb")  # noqa: SIM115 - closed in _close
+        handle = open_in_place(_writing(fname), "xb")  # a new file, never through a link; renamed in _close
         self.handles[fname] = handle
         return handle
 
@@ -73,9 +78,9 @@ class _Sink:
         handle.close()
         count = self.writer.count
         if count == 0:  # ShardWriter opens its first shard eagerly, even for an empty split
-            os.unlink(handle.name)
+            os.unlink(_writing(fname))
             return
-        os.replace(handle.name, fname)
+        os.replace(_writing(fname), fname)
         self.shards.append(describe_shard(Path(fname), count))
 
     def write(self, sample: dict[str, bytes | str]) -> None:
@@ -90,10 +95,10 @@ class _Sink:
         """After a failed write: close the tar stream and delete the half-written shard (ours, by name)."""
         with contextlib.suppress(OSError, ValueError):
             self.writer.tarstream.close()  # marks it closed even when its last write fails
-        for handle in self.handles.values():
+        for fname, handle in self.handles.items():
             with contextlib.suppress(OSError):
                 handle.close()
-            os.unlink(handle.name)
+            os.unlink(_writing(fname))
         self.handles.clear()
         self.writer.tarstream = None
 
@@ -185,7 +190,8 @@ def _up_to_date(run: StageRun) -> dict[str, Any] | None:
 
 
 def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[dict[str, str]],
-          source: str, fingerprint: str, root: Path | None, replace: bool) -> dict[str, Any]:
+          source: str, fingerprint: str, root: Path | None, replace: bool, notes: list[str] | None = None
+          ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     refuse_dangerous_output(out_dir, "output folder", {"images": cfg.isic_images, "CSV": cfg.isic_csv})
     run = begin_stage(SimpleNamespace(data=cfg), "data", out_dir=out_dir, inputs_fingerprint=fingerprint,
@@ -201,6 +207,8 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
     run.claim()
     if ingest_skipped:
         log.warning("skipped before packing: %s", summarise(ingest_skipped))
+    for note in notes or []:
+        log.warning("%s", note)
 
     assignment = split_by_lesion([Item(j.image_id, j.label, j.lesion_id) for j in jobs],
                                  cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -231,7 +239,7 @@ def _pack(cfg: DataConfig, out_dir: Path, jobs: list[Job], ingest_skipped: list[
          "splits": {name: {"num_samples": m["num_samples"], "class_counts": m["class_counts"],
                            "shards": len(m["shards"])} for name, m in splits.items()},
          "found": len(jobs) + len(ingest_skipped),
-         "skipped_counts": dict(Counter(s["kind"] for s in skipped)), "skipped": skipped})
+         "skipped_counts": dict(Counter(s["kind"] for s in skipped)), "skipped": skipped, "notes": notes or []})
     log.info("packed %s: %s; skipped: %s", out_dir,
              ", ".join(f"{k}={v['num_samples']}" for k, v in manifest["splits"].items()),
              summarise(manifest["skipped"]))
@@ -257,4 +265,5 @@ def pack_isic(cfg: DataConfig, out_dir: Path, *, replace: bool = False) -> dict[
     images = Path(cfg.isic_images)
     found = ingest(images, cfg.isic_csv)
     jobs = [Job(r.image_id, r.label, r.lesion_id, r.path, r.row) for r in found.records]
-    return _pack(cfg, out_dir, jobs, found.skipped, found.description, input_fingerprint(cfg), images, replace)
+    return _pack(cfg, out_dir, jobs, found.skipped, found.description, input_fingerprint(cfg), images, replace,
+                 found.notes)
