@@ -180,13 +180,15 @@ def _executor(cfg: RunConfig, spec: Stage, depends_on: list[str]) -> submitit.Au
     return executor
 
 
-def sbatch_script(cfg: RunConfig, name: str, *, config_path: Path | None = None,
-                  overrides: list[str] | None = None) -> str:
+def sbatch_script(cfg: RunConfig, name: str, *, request: list[str] | None = None) -> str:
     """The batch script of one stage, every resource and the warning signal taken from the config (the
-    same values submitit is given). ``slurm/stage.sh STAGE --config C`` pipes it to sbatch."""
+    same values submitit is given). ``request``: the arguments that made ``cfg`` (``--config C`` or ``--preset
+    P``, then the overrides; default: the run's config.json), given unchanged to the stage in the job, so it runs
+    with the config the #SBATCH lines were made from. ``slurm/stage.sh STAGE --config C KEY=VALUE`` pipes it to
+    sbatch."""
     spec = stage_spec(name)
     res: SlurmResources = getattr(cfg.cluster, spec.resources)
-    config = Path(config_path or RunLayout.of(cfg).config).resolve()
+    request = request if request is not None else ["--config", str(RunLayout.of(cfg).config.resolve())]
     lines = ["#!/usr/bin/env bash", f"# lesion-vq stage {name}: python launch/pipeline.py --emit-sbatch {name}",
              f"#SBATCH --job-name={job_name(spec)}",
              f"#SBATCH --nodes={res.nodes if spec.kind == 'training' else 1}",
@@ -203,8 +205,7 @@ def sbatch_script(cfg: RunConfig, name: str, *, config_path: Path | None = None,
                 "qos": res.qos, "constraint": res.constraint}
     lines += [f"#SBATCH --{key}={value}" for key, value in optional.items() if value]
     lines += [f"export LESION_VQ_ROOT={shlex.quote(REPO_ROOT)}", *_setup_lines(cfg)]
-    args = " ".join(shlex.quote(a) for a in ["--config", str(config), *(overrides or [])])
-    lines.append(f'exec "$LESION_VQ_ROOT/slurm/stage.sh" {name} {args}')
+    lines.append(f'exec "$LESION_VQ_ROOT/slurm/stage.sh" {name} {" ".join(shlex.quote(a) for a in request)}')
     return "\n".join(lines) + "\n"
 
 

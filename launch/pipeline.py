@@ -70,6 +70,22 @@ def selected_stages(args: argparse.Namespace) -> tuple[list[str], set[str]]:
     return chosen, forced & set(chosen)
 
 
+def job_request(args: argparse.Namespace, cfg: RunConfig) -> list[str]:
+    """What a job script passes to its stage: the same ``--config``/``--preset`` and overrides this command was
+    given, so the job runs with the config its #SBATCH lines were made from. Paths become absolute (the job runs
+    from the repository root, not from here)."""
+    base = ["--config", str(Path(args.config).resolve())] if args.config is not None \
+        else ["--preset", cfg.preset, f"run_dir={cfg.run_dir}"]
+    carried = []
+    for override in args.overrides:
+        key, _, _ = override.partition("=")
+        value: object = cfg
+        for part in key.strip().split("."):
+            value = getattr(value, part, None)
+        carried.append(f"{key}={value}" if isinstance(value, Path) else override)
+    return [*base, *carried]
+
+
 def stage_command(cfg: RunConfig, spec: Stage, config_path: Path, *, processes: int = 1,
                   use_gpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
     """argv + extra env for a stage run on this machine (an array stage runs all its tasks in one process:
@@ -168,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     if args.emit_sbatch:
         from launch.cluster import sbatch_script
 
-        print(sbatch_script(cfg, args.emit_sbatch, config_path=args.config), end="")
+        print(sbatch_script(cfg, args.emit_sbatch, request=job_request(args, cfg)), end="")
         return 0
     stages, forced = selected_stages(args)
     if args.dry_run:
