@@ -62,7 +62,7 @@ def test_relative_paths_and_presets_mean_in_the_job_what_they_meant_here(tmp_pat
 def test_override_values_are_quoted_for_the_shell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     odd = tmp_path / "run dir; touch pwned"
     tiny_config(odd)
-    script, asked = _emit(capsys, "--emit-sbatch", "report", "--config", str(odd / "config.json"),
+    script, _ = _emit(capsys, "--emit-sbatch", "report", "--config", str(odd / "config.json"),
                           "sample.per_class=2")
     _, in_job = _job_config(script)
     assert in_job.run_dir == odd and in_job.sample.per_class == 2
