@@ -192,6 +192,28 @@ def test_every_readme_command_is_classified() -> None:
                          + "\n".join(unknown))
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.splitlines() if line.startswith("#")}
+
+
+def test_readme_and_docs_links_resolve() -> None:
+    """Relative links (and their #anchors) of README.md and docs/*.md point at what exists."""
+    problems = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = page.parent / path if path else page
+            if not target.exists():
+                problems.append(f"{page.relative_to(REPO)}: {link}: no such file")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text()):
+                problems.append(f"{page.relative_to(REPO)}: {link}: no such heading")
+    assert not problems, "\n".join(problems)
+
+
 # ----- exercising the commands -------------------------------------------------------------------------
 def test_readme_shell_scripts_exist_are_executable_and_know_their_options() -> None:
     problems = []
