@@ -29,8 +29,10 @@ REQUIRED = {
 
 @pytest.mark.slow
 def test_bench_gpu_runs_every_row_on_the_cpu_and_says_no_gpu_was_found(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench", "gpu", "--minutes", "3", "--out", str(tmp_path)], cwd=REPO,
-                          env=stage_env(), capture_output=True, text=True, timeout=600)
+    """About a minute on 2 idle cores. On a loaded machine the last training rows may pass the 5-minute budget:
+    they are then recorded as skipped, with every field, and the command still exits 0."""
+    done = subprocess.run([sys.executable, "-m", "bench", "gpu", "--minutes", "5", "--out", str(tmp_path)], cwd=REPO,
+                          env=stage_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no GPU found" in done.stdout.splitlines()[0]
     (js,) = tmp_path.glob("gpu-*-cpu.json")
@@ -46,7 +48,9 @@ def test_bench_gpu_runs_every_row_on_the_cpu_and_says_no_gpu_was_found(tmp_path:
         keys = set(section_rows[0])
         assert REQUIRED[section] | {"status", "error", "seconds"} <= keys, section
         assert all(set(r) == keys for r in section_rows), f"{section} rows differ in their fields"
-        assert all(r["status"] == "ok" and r["error"] == "" for r in section_rows), section_rows
+        for r in section_rows:  # the rows before the training ones run within the first minutes
+            assert (r["status"], r["error"]) == ("ok", "") or (
+                section == "train" and r["status"] == "skipped" and "--minutes" in r["error"]), r
     smoke = by_section["smoke"][0]
     assert smoke["rc"] == 0 and {"data", "vqvae"} <= set(smoke["stages"])
     decode = by_section["decode"][0]
@@ -55,11 +59,17 @@ def test_bench_gpu_runs_every_row_on_the_cpu_and_says_no_gpu_was_found(tmp_path:
     assert sorted((r["preset"], r["batch"], r["precision"], r["decode"]) for r in trains) == sorted(
         (p, b, q, d) for p in ("seed", "improved") for b in (2, 4) for q in ("bf16", "fp32")
         for d in ("workers", "device"))
-    for r in trains:
+    measured = {(r["preset"], r["batch"], r["precision"], r["decode"]): r for r in trains if r["status"] == "ok"}
+    assert measured, "no training row ran"
+    for (preset, batch, precision, decode_on), r in measured.items():
         assert r["ours_images_per_s"] > 0 and r["ceiling_images_per_s"] > 0 and r["report_images_per_s"] > 0
         assert r["ours_vs_ceiling"] == pytest.approx(r["ours_images_per_s"] / r["ceiling_images_per_s"])
         assert r["ours_vs_report"] == pytest.approx(r["ours_images_per_s"] / r["report_images_per_s"])
-        assert (r["bf16_vs_fp32"] is None) == (r["precision"] == "fp32")
+        pair = measured.get((preset, batch, "fp32", decode_on))
+        if precision == "bf16" and pair:
+            assert r["bf16_vs_fp32"] == pytest.approx(r["ours_images_per_s"] / pair["ours_images_per_s"])
+        else:
+            assert r["bf16_vs_fp32"] is None
         assert r["gpu_busy_pct"] is None and r["peak_gpu_mib"] is None and "no GPU" in r["busy_source"]
     assert all(r["samples_per_s"] > 0 for r in by_section["sample"])
     md = js.with_suffix(".md").read_text()
