@@ -93,8 +93,10 @@ def load_verified(model: torch.nn.Module, folder: Path, config: dict[str, Any]) 
         load_weights(model, weights)
     except IntegrityError as err:
         raise PretrainedError(str(err)) from None
-    except CheckpointError as err:
-        raise PretrainedError(f"{Path(folder) / CONFIG} does not describe {Path(folder) / WEIGHTS}: {err}") from None
+    except (CheckpointError, RuntimeError) as err:  # RuntimeError: torch's size mismatch of a tensor
+        problem = " ".join(str(err).split())[:300]
+        raise PretrainedError(f"{Path(folder) / CONFIG} does not describe {Path(folder) / WEIGHTS}: "
+                              f"{problem}") from None
     return model
 
 
@@ -115,6 +117,23 @@ class Pretrained(PyTorchModelHubMixin, library_name="lesion-vq", license="cc-by-
     def network(self) -> torch.nn.Module:
         """The module whose weights the folder holds."""
         raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls: type[T], pretrained_model_name_or_path: str | Path, **kwargs: Any) -> T:
+        """huggingface_hub's ``from_pretrained`` (``device=``, ``dtype=``; ``tokenizer=`` for a Generator), with one
+        line for a path that is neither a folder here nor a Hub repository that can be fetched."""
+        name = str(pretrained_model_name_or_path)
+        if Path(name).exists():
+            return super().from_pretrained(name, **kwargs)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+            raise PretrainedError(f"{name} does not exist")
+        try:
+            return super().from_pretrained(name, **kwargs)
+        except PretrainedError:
+            raise
+        except Exception as err:  # the Hub client's many error types (offline, unknown repository, ...)
+            raise PretrainedError(f"{name} is not a folder here, and fetching it from the Hugging Face Hub failed: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
     @classmethod
     def _from_pretrained(cls: type[T], *, model_id: str, revision: str | None = None, cache_dir: Any = None,
