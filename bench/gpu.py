@@ -219,10 +219,10 @@ def _sample_row(plan: Plan, work: Work, row: dict[str, Any]) -> None:
 
 class BusySampler:
     """GPU busy % (NVML's utilization.gpu: the share of time a kernel ran) read every 50 ms in a thread and kept
-    while ``counting()`` says so."""
+    while ``counting()`` says so; ``read`` None (no GPU, no reader): no samples."""
 
-    def __init__(self, dev: torch.device, counting: Callable[[], bool]) -> None:
-        self.source, self._read = _utilization_reader(dev)
+    def __init__(self, source: str, read: Callable[[], float] | None, counting: Callable[[], bool]) -> None:
+        self.source, self._read = source, read
         self._counting, self.samples = counting, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -245,7 +245,7 @@ class BusySampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def _utilization_reader(dev: torch.device) -> tuple[str, Callable[[], float] | None]:
+def utilization_reader(dev: torch.device) -> tuple[str, Callable[[], float] | None]:
     """(where the numbers come from, a reader of the GPU's busy %): NVML through nvidia-ml-py, else nvidia-smi."""
     if dev.type != "cuda":
         return "none: no GPU", None
@@ -267,7 +267,7 @@ def _utilization_reader(dev: torch.device) -> tuple[str, Callable[[], float] | N
                                                       check=True).stdout.strip())
 
 
-def _logged_step(metrics: Path) -> int:
+def logged_step(metrics: Path) -> int:
     """The last step the trainer has logged so far (0 before its first row)."""
     try:
         lines = metrics.read_text().splitlines()
@@ -296,7 +296,11 @@ def _train_row(plan: Plan, work: Work, row: dict[str, Any], ceilings: dict[tuple
         if work.dev.type == "cuda":
             torch.empty(0, device=work.dev)  # CUDA initialised before its peak memory counter is reset
             torch.cuda.reset_peak_memory_stats(work.dev)
-        with BusySampler(work.dev, lambda: warmup <= _logged_step(metrics) < warmup + steps) as busy:
+
+        def in_timed_steps() -> bool:  # after the log row ending the warm-up, before the last one
+            return warmup <= logged_step(metrics) < warmup + steps
+
+        with BusySampler(*utilization_reader(work.dev), in_timed_steps) as busy:
             row["ours_images_per_s"] = ours_images_per_s(work.inputs, setup, run_dir, work.dev, row["preset"], extra)
         row.update(gpu_busy_pct=busy.busy_pct, busy_samples=len(busy.samples), busy_source=busy.source)
         if work.dev.type == "cuda":

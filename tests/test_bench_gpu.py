@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,28 @@ def test_a_failing_row_is_recorded_and_the_next_rows_still_run(tmp_path: Path) -
         assert failed["status"] == "failed" and failed["error"] and "Traceback" in failed["traceback"]
     for sampled in rows[3:]:
         assert sampled["status"] == "ok" and sampled["samples_per_s"] > 0 and sampled["error"] == ""
+
+
+def test_busy_is_sampled_only_over_the_timed_steps(tmp_path: Path) -> None:
+    """The GPU busy % of a training row averages readings taken while the trainer's last log row is the warm-up's
+    or a later one before the last step: not during start-up, the warm-up or the final evaluation. Here the
+    reading is the logged step itself, so each sample shows when it was taken."""
+    from bench.gpu import BusySampler, logged_step
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.touch()
+    warmup, last = 2, 4
+
+    def read() -> float:
+        return float(logged_step(metrics))
+
+    with BusySampler("the logged step", read, lambda: warmup <= logged_step(metrics) < last) as busy:
+        for step in range(1, 6):
+            time.sleep(0.3)
+            with open(metrics, "a") as fh:
+                fh.write(json.dumps({"step": step}) + "\n")
+        time.sleep(0.3)
+    assert {2.0, 3.0} <= set(busy.samples)
+    assert min(busy.samples) >= warmup and 5.0 not in busy.samples  # 4.0 only if the row landed mid-reading
+    assert busy.busy_pct == sum(busy.samples) / len(busy.samples)
+    assert BusySampler("none: no GPU", None, lambda: True).busy_pct is None
