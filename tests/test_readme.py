@@ -28,6 +28,7 @@ import re
 import runpy
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,9 +354,12 @@ def test_readme_entry_points_start_as_processes_and_scripts_parse() -> None:
     """Each distinct entry point answers ``--help`` as a real process from the repository root (what the
     in-process runs cannot show: imports and sys.path of a script started by path); each shell script
     passes ``bash -n``."""
-    entries = {entry_point(c.argv)[0] for c in COMMANDS if classify(c.argv) in ("pipeline", "entry")}
-    for entry in sorted(entries):  # this checkout's packages, whichever checkout the venv was installed from
-        assert_ok(run_cli(*entry, "--help", timeout=120, env=stage_env(PYTHONPATH=str(REPO))))
+    entries = sorted({entry_point(c.argv)[0] for c in COMMANDS if classify(c.argv) in ("pipeline", "entry")})
+    env = stage_env(PYTHONPATH=str(REPO))  # this checkout's packages, whichever checkout the venv was installed from
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # each start is mostly importing torch
+        results = list(pool.map(lambda entry: run_cli(*entry, "--help", timeout=300, env=env), entries))
+    for result in results:
+        assert_ok(result)
     scripts = {c.argv[0] for c in COMMANDS if classify(c.argv) == "shell"}
     assert scripts
     for script in sorted(scripts):
