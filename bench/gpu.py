@@ -290,7 +290,10 @@ def _train_row(plan: Plan, work: Work, row: dict[str, Any], ceilings: dict[tuple
     extra = (*plan.shrink, f"vqvae_train.mixed_precision={'bf16' if row['precision'] == 'bf16' else 'no'}",
              "vqvae_train.gpu_path=always", f"vqvae_train.decode_on={row['decode']}")
     run_dir = work.root / "runs" / row["name"].replace(", ", "-").replace(" ", "_")
-    cfg = train_config(setup, run_dir, work.dev, row["preset"], extra)
+    with attempt("config", problems):
+        cfg = train_config(setup, run_dir, work.dev, row["preset"], extra)
+    if problems:
+        return
     with attempt("ours", problems):
         metrics = RunLayout.of(cfg).stage_dir("vqvae") / "metrics.jsonl"
         if work.dev.type == "cuda":
