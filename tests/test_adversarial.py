@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, run_cli, stage_env, tiny_config
 from torch import nn
 
 from bench.common import free_port
@@ -117,11 +117,6 @@ def test_impossible_adversarial_settings_are_refused(override: str, needle: str)
     assert needle in str(err.value)
 
 
-def _train(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "vqvae/train.py", "--config", str(config), *args], cwd=REPO,
-                          env=stage_env(), capture_output=True, text=True, timeout=300, check=False)
-
-
 @pytest.mark.slow
 def test_a_discriminator_too_deep_for_the_images_is_refused_when_planning(tmp_path: Path) -> None:
     expected = ("vqvae_train.adversarial.disc_layers=4 is too deep for data.image_size=32: the discriminator "
@@ -200,7 +195,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("adversarial") / "ref"
     tiny_config(run_dir, *ADV)
     (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    result = _train(run_dir / "config.json")
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -230,7 +225,7 @@ def test_stop_and_resume_ends_bitwise_equal_to_the_uninterrupted_run(tmp_path: P
     for ckpt in (run_dir / "vqvae" / "checkpoints").iterdir():
         if int(ckpt.name[5:]) > resume_at:
             shutil.rmtree(ckpt)
-    result = _train(run_dir / "config.json")
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step-{resume_at:08d} (step {resume_at})" in result.stderr
     ours, reference = _manifest(run_dir), _manifest(finished)
@@ -248,10 +243,10 @@ def test_resuming_with_adversarial_on_from_a_checkpoint_without_is_refused(tmp_p
     """Switching adversarial training on is a config change: a checkpoint saved without a discriminator is
     refused by identity (one line, exit 2), never resumed with a fresh discriminator."""
     plain, plain_config = tiny_run("vqvae_train.max_steps=4", "vqvae_train.checkpoint_every=4", name="plain")
-    assert _train(plain_config).returncode == 0
+    assert run_cli("vqvae/train.py", "--config", plain_config).returncode == 0
     ckpt = plain.run_dir / "vqvae" / "checkpoints" / "step-00000004"
     adv, adv_config = tiny_run(*ADV, name="adv")
-    result = _train(adv_config, "--resume", str(ckpt))
+    result = run_cli("vqvae/train.py", "--config", adv_config, "--resume", str(ckpt))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"error: checkpoint {ckpt} belongs to another configuration" in result.stderr
     assert not (adv.run_dir / "vqvae" / "checkpoints").exists()

@@ -15,13 +15,11 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, stage_env, tiny_config
+from helpers import run_cli, tiny_config
 
 from runtime.files import sha256_file
 
@@ -38,18 +36,13 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def _train(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "vqvae/train.py", "--config", str(run_dir / "config.json"), *args],
-                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300, check=False)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """One complete, undamaged run (checkpoints at steps 10, 15, 20 kept)."""
     run_dir = tmp_path_factory.mktemp("faults-ckpt") / "ref"
     tiny_config(run_dir, *EXTRA)
     (run_dir / "data").symlink_to(tiny_data, target_is_directory=True)
-    result = _train(run_dir)
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -99,7 +92,8 @@ def test_checkpoint_with_pickle_payload_is_refused_and_never_runs(tmp_path, fini
     marker = tmp_path / "PAYLOAD_RAN"
     _plant_payload(ckpt, name, marker)
     before = sorted(p.relative_to(run_dir) for p in (run_dir / "vqvae").rglob("*"))
-    result = _train(run_dir, *(["--resume", str(ckpt)] if how == "dir" else []))
+    resume = ["--resume", str(ckpt)] if how == "dir" else []
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json", *resume)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"error: {ckpt}: refusing to load (not a plain tensor checkpoint)" in result.stderr
@@ -121,7 +115,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, fini
         weights.write_bytes(weights.read_bytes()[:100])
     else:
         (newest / "state.json").unlink()
-    result = _train(run_dir)
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping damaged checkpoint" in result.stderr and "step-00000015" in result.stderr
     assert "resumed from" in result.stderr and "step-00000010 (step 10)" in result.stderr
@@ -134,7 +128,7 @@ def test_all_checkpoints_damaged_starts_over_and_still_matches(tmp_path, finishe
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
     for ckpt in (run_dir / "vqvae" / "checkpoints").iterdir():
         (ckpt / "rng.pt").write_bytes(b"garbage")
-    result = _train(run_dir)
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("skipping damaged checkpoint") == 2 and "resumed from" not in result.stderr
     assert _weights_sha(run_dir) == _weights_sha(finished)
@@ -146,7 +140,7 @@ def test_checkpoint_of_another_configuration_is_refused_not_resumed(tmp_path, fi
     exit 2 (the pipeline would keep the old outputs in .history/ and start afresh)."""
     run_dir = _unfinished_copy(finished, tmp_path / "run", keep_up_to=15)
     tiny_config(run_dir, *EXTRA, "vqvae_train.lr=0.003")
-    result = _train(run_dir)
+    result = run_cli("vqvae/train.py", "--config", run_dir / "config.json")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "holds vqvae outputs of another configuration" in result.stderr
     assert "nothing was changed" in result.stderr and "RUN_DIR/.history/" in result.stderr

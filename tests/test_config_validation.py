@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import assert_one_line_error, run_cli
 
 from runtime.config import (
     PRESETS,
@@ -257,38 +255,24 @@ def test_config_outside_a_run_directory_keeps_its_run_dir(tmp_path: Path) -> Non
 
 
 # ----- the command line: one line, exit 2, no traceback ---------------------------------------------------------
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          check=False)
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0]
-
-
 @pytest.mark.slow
 def test_cli_refuses_an_infinite_learning_rate() -> None:
-    _assert_one_line_error(_cli("vqvae/train.py", "--preset", "smoke", "vqvae_train.lr=1e309"),
-                           "vqvae_train.lr: Input should be a finite number")
+    assert_one_line_error(run_cli("vqvae/train.py", "--preset", "smoke", "vqvae_train.lr=1e309"),
+                           "vqvae_train.lr: Input should be a finite number", alone=True)
 
 
 @pytest.mark.slow
 def test_cli_refuses_empty_vqvae_channels() -> None:
-    _assert_one_line_error(_cli("vqvae/train.py", "--preset", "smoke", "vqvae.channels=[]"),
-                           "vqvae.channels: List should have at least 1 item")
+    assert_one_line_error(run_cli("vqvae/train.py", "--preset", "smoke", "vqvae.channels=[]"),
+                           "vqvae.channels: List should have at least 1 item", alone=True)
 
 
 @pytest.mark.slow
 def test_cli_refuses_preset_with_config(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     save_config(build_config("smoke", [f"run_dir={tmp_path / 'run'}"]), path)
-    _assert_one_line_error(_cli("vqvae/train.py", "--preset", "seed", "--config", str(path)),
-                           "--preset and --config cannot be combined")
+    assert_one_line_error(run_cli("vqvae/train.py", "--preset", "seed", "--config", str(path)),
+                           "--preset and --config cannot be combined", alone=True)
     assert not (tmp_path / "run").exists()
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
-from helpers import REPO, FinishedRun, copy_run, run_pipeline, stage_env, tiny_config
+from helpers import FinishedRun, assert_one_line_error, copy_run, run_cli, run_pipeline, tiny_config
 from PIL import Image
 
 from judge.classifier import frechet_distance, mix_weights
@@ -184,6 +182,10 @@ def test_samples_in_the_data_mix_follow_the_train_split(finished_run: Path) -> N
     assert (finished_run / "samples" / "samples.png").is_file()
 
 
+JUDGE = ("-m", "judge.evaluate")
+"""``run_cli(*JUDGE, ...)``: the judge's command line."""
+
+
 def _image_set(folder: Path) -> Path:
     """A folder of real lesion images of two sizes (600x450 and 200x150) plus a PNG copy at another size, a
     corrupt JPEG and a text file, and its HAM10000-layout CSV; synthetic PNGs when the shared data is absent."""
@@ -211,18 +213,6 @@ def _image_set(folder: Path) -> Path:
     return folder
 
 
-def _judge(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "judge.evaluate", *map(str, args)], cwd=REPO, env=stage_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.slow
 def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, finished_run: Path) -> None:
     images = _image_set(tmp_path / "private")
@@ -230,7 +220,8 @@ def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, 
     classifier = (finished_run / "classifier" / "final" / "model.safetensors").read_bytes()
     stages_before = sorted(p.name for p in finished_run.iterdir())
 
-    labelled = _judge("--run-dir", finished_run, "--images", images, "--csv", csv, "--out", tmp_path / "a.json")
+    labelled = run_cli(*JUDGE, "--run-dir", finished_run, "--images", images, "--csv", csv,
+                       "--out", tmp_path / "a.json")
     assert labelled.returncode == 0, labelled.stderr[-3000:]
     assert "reconstruction PSNR" in labelled.stdout and "classifier accuracy" in labelled.stdout
     result = json.loads((tmp_path / "a.json").read_text())
@@ -243,13 +234,13 @@ def test_evaluate_images_judges_any_folder_with_the_runs_models(tmp_path: Path, 
     assert {s["kind"] for s in result["skipped"]} == {"unreadable", "not_an_image"}  # broken.jpg, notes.txt
 
     # The same inputs give the same numbers; the default output is a marked folder inside the run.
-    again = _judge("--config", finished_run / "config.json", "--images", images, "--csv", csv)
+    again = run_cli(*JUDGE, "--config", finished_run / "config.json", "--images", images, "--csv", csv)
     assert again.returncode == 0, again.stderr[-3000:]
     (written,) = (finished_run / "judged").glob("private-*.json")
     assert json.loads(written.read_text())["metrics"] == metrics
     assert json.loads((finished_run / "judged" / ".lesion-vq.json").read_text())["owner"] == "lesion-vq"
 
-    unlabelled = _judge("--run-dir", finished_run, "--images", images, "--out", tmp_path / "b.json")
+    unlabelled = run_cli(*JUDGE, "--run-dir", finished_run, "--images", images, "--out", tmp_path / "b.json")
     assert unlabelled.returncode == 0, unlabelled.stderr[-3000:]
     plain = json.loads((tmp_path / "b.json").read_text())
     assert not plain["labelled"] and "classifier_accuracy" not in plain["metrics"]
@@ -279,13 +270,14 @@ def test_evaluate_images_refuses_bad_input_in_one_line(tmp_path: Path, finished_
     foreign.write_text('{"mine": true}\n')
     run = ("--run-dir", finished_run)
 
-    _one_line_error(_judge(*run, "--images", tmp_path / "missing"), "does not exist")
-    _one_line_error(_judge(*run, "--images", broken), "0 readable image(s)")
-    _one_line_error(_judge("--run-dir", unfinished, "--images", images), "has not completed")
-    _one_line_error(_judge(*run, "--images", images, "--csv", other_csv), "no usable labelled images")
-    _one_line_error(_judge(*run, "--images", images, "--out", foreign), "is not an evaluation lesion-vq wrote")
+    assert_one_line_error(run_cli(*JUDGE, *run, "--images", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(run_cli(*JUDGE, *run, "--images", broken), "0 readable image(s)")
+    assert_one_line_error(run_cli(*JUDGE, "--run-dir", unfinished, "--images", images), "has not completed")
+    assert_one_line_error(run_cli(*JUDGE, *run, "--images", images, "--csv", other_csv), "no usable labelled images")
+    assert_one_line_error(run_cli(*JUDGE, *run, "--images", images, "--out", foreign),
+                          "is not an evaluation lesion-vq wrote")
     assert foreign.read_text() == '{"mine": true}\n'
-    _one_line_error(_judge("--images", images), "--run-dir")
+    assert_one_line_error(run_cli(*JUDGE, "--images", images), "--run-dir")
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO, stage_env, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 from runtime.files import atomic_write_json
 from shards.images import array_to_jpeg
@@ -151,11 +151,6 @@ def _own_run(tmp_path: Path, tiny_data: Path, *extra: str) -> tuple[Path, Path]:
     return run_dir, run_dir / "config.json"
 
 
-def _train(config: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "vqvae/train.py", "--config", str(config)], cwd=REPO, env=stage_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
 def _damage(shard: Path, how: str) -> None:
     if how == "missing":
         shard.unlink()
@@ -175,7 +170,7 @@ def test_training_refuses_missing_truncated_or_modified_shards_before_any_work(t
     split = run_dir / "data" / ("val" if how.startswith("val-") else "train")
     shard = split / read_manifest(split)["shards"][-1]["name"]
     _damage(shard, how.removeprefix("val-"))
-    result = _train(config)
+    result = run_cli("vqvae/train.py", "--config", config)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "refusing to train" in result.stderr and shard.name in result.stderr and message in result.stderr
@@ -194,7 +189,7 @@ def test_training_on_a_consistent_but_hostile_shard_refuses_its_bad_members(tmp_
     split = run_dir / "data" / "train"
     hostile = split / "shard-000099.tar"
     _add_shard(split, hostile, _hostile_shard(hostile, marker))
-    result = _train(config)
+    result = run_cli("vqvae/train.py", "--config", config)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert "refused member extension(s) ['pyd']" in log and "refused member extension(s) ['pickle']" in log
