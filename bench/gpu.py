@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,16 +342,21 @@ def run_job(job: str, work: Work, rows_file: Path) -> None:
         else:
             with attempt(row["section"], problems):
                 measure[row["section"]](plan, work, row)
-        row["seconds"] = time.perf_counter() - start
-        if problems:
-            row.update(status="failed", error="; ".join(p.splitlines()[0] for p in problems)[:2000],
-                       traceback="\n".join(problems)[-8000:])
-        elif row["status"] == "pending":
-            row["status"] = "ok"
+        finish(row, problems, time.perf_counter() - start)
         with open(rows_file, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"  {row['section']} {row['name']}: {row['status']} ({row['seconds']:.1f} s)"
-              + (f": {row['error'][:300]}" if row["error"] else ""), flush=True)
+
+
+def finish(row: dict[str, Any], problems: list[str], seconds: float) -> None:
+    """The row's status from its measurements' problems (error: their first lines), printed as one line."""
+    row["seconds"] = seconds
+    if problems:
+        row.update(status="failed", error="; ".join(p.splitlines()[0] for p in problems)[:2000],
+                   traceback="\n".join(problems)[-8000:])
+    elif row["status"] == "pending":
+        row["status"] = "ok"
+    print(f"  {row['section']} {row['name']}: {row['status']} ({row['seconds']:.1f} s)"
+          + (f": {row['error'][:300]}" if row["error"] else ""), flush=True)
 
 
 # ----- the parent: smoke pipeline, inputs, jobs, results ---------------------------------------------------------
@@ -370,26 +376,37 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 def smoke_row(plan: Plan, root: Path, timeout: float) -> dict[str, Any]:
+    """The smoke pipeline in a process of its own: exit status, seconds per stage (from its log), its log's end."""
     row = new_row("smoke", "smoke pipeline", until=plan.smoke_until)
+    problems: list[str] = []
+    start = time.perf_counter()
+    with attempt("smoke", problems):
+        _run_smoke(plan, root, timeout, row)
+    finish(row, problems, time.perf_counter() - start)
+    return row
+
+
+_STAGE_DONE = re.compile(r"INFO pipeline: stage (\w+): done in ([\d.]+) s")
+"""launch/pipeline.py's line for each stage it finished."""
+
+
+def _run_smoke(plan: Plan, root: Path, timeout: float, row: dict[str, Any]) -> None:
     log = root / "logs" / "smoke.log"
     command = [sys.executable, "launch/pipeline.py", "--preset", "smoke", "--until", plan.smoke_until,
                f"run_dir={root / 'smoke'}", "wandb=disabled", *plan.smoke]
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        try:
+    try:
+        with open(log, "w") as out:
             row["rc"] = subprocess.run(command, cwd=REPO_ROOT, env=_child_env(), stdout=out, stderr=subprocess.STDOUT,
                                        timeout=timeout, check=False).returncode
-        except subprocess.TimeoutExpired:
-            row["error"] = f"timed out after {timeout:.0f} s (the smoke pipeline gets {SMOKE_SHARE:.0%} of --minutes)"
-    row["seconds"] = time.perf_counter() - start
-    text = _tail(log, 10**6)
-    row["stages"] = {line.split("stage ", 1)[1].split(":")[0]: float(line.rsplit("done in ", 1)[1].split()[0])
-                     for line in text.splitlines() if "INFO pipeline: stage " in line and ": done in " in line}
-    row["log_tail"] = text[-3000:]
-    if row["rc"] != 0 and not row["error"]:
-        row["error"] = f"launch/pipeline.py exited {row['rc']}: " + (text.strip().splitlines() or [""])[-1][:500]
-    row["status"] = "failed" if row["error"] else "ok"
-    return row
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"stopped after {timeout:.0f} s (the smoke pipeline gets {SMOKE_SHARE:.0%} of "
+                           "--minutes)") from None
+    finally:
+        text = _tail(log, 10**6)
+        row["stages"] = {m[1]: float(m[2]) for m in _STAGE_DONE.finditer(text)}
+        row["log_tail"] = text[-3000:]
+    if row["rc"] != 0:
+        raise RuntimeError(f"launch/pipeline.py exited {row['rc']}: {(text.strip().splitlines() or [''])[-1][:500]}")
 
 
 def prepare(plan: Plan, root: Path) -> float:
@@ -424,11 +441,23 @@ def run_jobs(plan: Plan, root: Path, deadline: float, prepared: str) -> list[dic
                 why = f"the job process exited {rc} before this row"
             except subprocess.TimeoutExpired:
                 why = "the job process ran past the --minutes budget and was stopped before this row"
-        done = {r["name"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.exists() else {}
+        done = _reported(rows_file)
         for row in expected:
             rows.append(done.get(row["name"]) or row | {"status": "failed", "error": why,
                                                           "traceback": _tail(log)})
     return rows
+
+
+def _reported(rows_file: Path) -> dict[str, dict[str, Any]]:
+    """The rows a job wrote, by name (a line cut short by a job killed mid-write is none)."""
+    done = {}
+    for line in rows_file.read_text().splitlines() if rows_file.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[row["name"]] = row
+    return done
 
 
 def link_rows(rows: list[dict[str, Any]]) -> None:
@@ -505,8 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         (root / "logs").mkdir()
         print(f"  smoke pipeline (at most {SMOKE_SHARE * args.minutes:.1f} min) ...", flush=True)
         rows = [smoke_row(plan, root, max(30.0, SMOKE_SHARE * args.minutes * 60))]
-        print(f"  smoke smoke pipeline: {rows[0]['status']} ({rows[0]['seconds']:.1f} s) {rows[0]['error']}",
-              flush=True)
         prepared, prepare_s = "", None
         try:
             prepare_s = prepare(plan, root)
