@@ -40,7 +40,7 @@ from launch.plan import Step, prepare, record_done, record_start
 from runtime.config import RunConfig, load_config
 from runtime.errors import UserError
 from runtime.files import atomic_write_json
-from runtime.launcher import REPO_ROOT, stage_command
+from runtime.launcher import REPO_ROOT, stage_command, stage_environment
 from runtime.log import get_logger
 from runtime.signals import STOP_STATUSES
 from runtime.stages import RunLayout, Stage
@@ -86,7 +86,7 @@ class StageJob(submitit.helpers.Checkpointable):
         argv, env = self._command(cfg, spec, env_info)
         if spec.kind == "array":
             argv += ["--shard-index", str(index), "--num-shards", str(self.tasks)]
-        self._proc = subprocess.Popen(argv, env=os.environ | env, cwd=REPO_ROOT)
+        self._proc = subprocess.Popen(argv, env=stage_environment(env), cwd=REPO_ROOT)
         # Poll rather than Popen.wait(): wait() holds Popen's lock while blocked, and the checkpoint()
         # that submitit's signal handler runs on this same thread could then never see the exit.
         while (code := self._proc.poll()) is None:

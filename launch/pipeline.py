@@ -16,7 +16,6 @@ under RUN_DIR/.history/ (launch/plan.py), never deleted.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from launch.plan import Step, make_plan, prepare, record_done, record_start
 from runtime.cli import run_cli
 from runtime.config import RunConfig, add_config_args, config_from_args, save_config
 from runtime.errors import UserError
-from runtime.launcher import REPO_ROOT
+from runtime.launcher import REPO_ROOT, say_ignored, stage_environment
 from runtime.launcher import stage_command as launcher_stage_command
 from runtime.lineage import claim_run_dir
 from runtime.log import get_logger
@@ -139,7 +138,7 @@ class _Supervisor:
                                EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_REQUEUE)
         # A process group of its own: Ctrl-C reaches the stage once, through _handle, not also from the
         # terminal; and it still dies with the pipeline (parent-death signal), even on SIGKILL.
-        self.child = subprocess.Popen(argv, env=os.environ | env, cwd=REPO_ROOT, process_group=0,
+        self.child = subprocess.Popen(argv, env=stage_environment(env), cwd=REPO_ROOT, process_group=0,
                                       preexec_fn=preexec_die_with_parent)
         code = self.child.wait()
         self.child = None
@@ -191,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
         print(plan_table(cfg, make_plan(cfg, stages, forced), args.processes))
         return 0
     claim_run_dir(cfg)
+    say_ignored("pipeline")
     with exclusive_lock(layout.lock, f"another pipeline is already running on {layout.root}"):
         save_config(cfg, layout.config)
         steps = make_plan(cfg, stages, forced)

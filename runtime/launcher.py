@@ -34,6 +34,44 @@ from runtime.process import WATCH_ENV
 from runtime.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, STOP_STATUSES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATE_CONFIG = os.path.join(REPO_ROOT, "runtime", "accelerate.yaml")
+"""The accelerate config every launch reads (``--config_file``) instead of the user's default one
+(~/.cache/huggingface/accelerate/default_config.yaml), which could switch a run to DeepSpeed, other GPUs or a debug
+mode: what a run does comes from its lesion-vq config alone."""
+
+RUN_ENV = {"PYTHONHASHSEED": "0"}
+"""Environment every stage process gets, whatever the user's is: one string hashing in every process and run."""
+_USER_SETTINGS = ("ACCELERATE_", "PYTHONHASHSEED", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
+                  "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_JOB_TYPE", "WANDB_RUN_GROUP", "WANDB_TAGS",
+                  "WANDB_DISABLED", "WANDB_CONFIG_PATHS", "WANDB_SWEEP_ID")
+"""Per-user environment settings that would change what a run does (precision, devices, gradient accumulation,
+DeepSpeed, hashing, where and whether it is tracked): never passed to a stage; the config decides."""
+
+
+def _user_setting(name: str) -> bool:
+    return name.startswith("ACCELERATE_") or name in _USER_SETTINGS
+
+
+def stage_environment(extra: dict[str, str]) -> dict[str, str]:
+    """The environment a stage process runs with: the user's, minus the settings :data:`_USER_SETTINGS` names,
+    plus :data:`RUN_ENV` and ``extra`` (what the launch itself sets, e.g. ACCELERATE_USE_CPU)."""
+    return {k: v for k, v in os.environ.items() if not _user_setting(k)} | RUN_ENV | extra
+
+
+def ignored_settings() -> list[str]:
+    """The user's settings :func:`stage_environment` and :data:`ACCELERATE_CONFIG` override (for one line)."""
+    from accelerate.commands.config import default_config_file
+
+    names = [f"{k}={v}" for k, v in sorted(os.environ.items()) if _user_setting(k) and RUN_ENV.get(k) != v]
+    return names + ([default_config_file] if os.path.isfile(default_config_file) else [])
+
+
+def say_ignored(who: str) -> None:
+    """One line naming the user's settings this run ignores (nothing when there are none)."""
+    ignored = ignored_settings()
+    if ignored:
+        print(f"{who}: ignoring per-user settings that would change what this run does (its config decides): "
+              f"{', '.join(ignored)}", file=sys.stderr, flush=True)
 
 
 def accelerate_command(script: str, script_args: list[str], *, processes: int, num_machines: int = 1,
@@ -54,7 +92,7 @@ def accelerate_command(script: str, script_args: list[str], *, processes: int, n
            "--num_processes", str(total), "--num_machines", str(num_machines),
            "--machine_rank", str(machine_rank), "--main_process_ip", main_address,
            "--main_process_port", str(main_port), "--mixed_precision", mixed_precision,
-           "--dynamo_backend", "no",
+           "--dynamo_backend", "no", "--config_file", ACCELERATE_CONFIG,
            # accelerate would otherwise pin every process to 1 intra-op thread (OMP_NUM_THREADS=1), and a
            # lone CPU process would use half of a 2-core node. The cores this process may use (its
            # affinity: a Slurm allocation, not the whole node) are shared out, so processes never fight.
@@ -130,14 +168,16 @@ def _stage_task(name: str, stage_args: list[str]) -> None:
     spec = stage(name)
     if spec.kind != "training":
         argv = [sys.executable, "-m", spec.module, *stage_args]
-        os.execvpe(argv[0], argv, os.environ)
+        say_ignored(f"runtime.launcher stage {name}")
+        os.execvpe(argv[0], argv, stage_environment({}))
     parser = argparse.ArgumentParser(prog=f"runtime.launcher stage {name}")
     add_config_args(parser)
     cfg = config_from_args(parser.parse_known_args(stage_args)[0])
     argv, extra = slurm_node_command(
         spec.script, stage_args, processes_per_node=getattr(cfg.cluster, spec.resources).processes_per_node,
         mixed_precision=spec.optim(cfg).mixed_precision, stop_signal=cfg.cluster.signal)
-    os.execvpe(argv[0], argv, os.environ | extra)
+    say_ignored(f"runtime.launcher stage {name}")
+    os.execvpe(argv[0], argv, stage_environment(extra))
 
 
 def _forward_to_children(signum: int, _frame: FrameType | None) -> None:

@@ -68,6 +68,25 @@ def _plain(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+ONLINE_WAIT_S = 10
+"""How long an online wandb run may take to reach its server before tracking falls back to offline (wandb itself
+waited 90 s and more in silence per training stage, on every node without network)."""
+
+
+def _unreachable(url: str) -> str | None:
+    """None when ``url`` answers (any HTTP status) within ONLINE_WAIT_S, else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=ONLINE_WAIT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as err:
+        return f"{url}: {getattr(err, 'reason', None) or err}"
+    return None
+
+
 def _start_wandb(out_dir: Path, stage: str, config: dict[str, Any], mode: str):
     import wandb
 
@@ -75,14 +94,29 @@ def _start_wandb(out_dir: Path, stage: str, config: dict[str, Any], mode: str):
     id_file = out_dir / "wandb-id.txt"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
     atomic_write_text(id_file, run_id)
-    try:
+
+    def start(how: str) -> Any:
         # resume="allow" with a stored id: a requeued job continues the same wandb run.
-        return wandb.init(project="lesion-vq", dir=str(out_dir), mode=mode, id=run_id, resume="allow",
+        return wandb.init(project="lesion-vq", dir=str(out_dir), mode=how, id=run_id, resume="allow",
                           name=f"{stage}-{Path(config.get('run_dir', 'run')).name}", job_type=stage,
-                          config=config)
-    except Exception as err:  # wandb is never required: an online run without login keeps training.
-        log.warning("wandb %s disabled: %s", mode, err)
-        return None
+                          config=config, settings=wandb.Settings(init_timeout=ONLINE_WAIT_S))
+
+    server = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    reason = _unreachable(server) if mode == "online" else None
+    if reason is None:
+        try:
+            return start(mode)
+        except Exception as err:  # wandb is never required: tracking falls back, training goes on
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+    if mode == "online":
+        log.warning("wandb online unreachable within %d s (%s); tracking fell back to offline in %s (upload later "
+                    "with `wandb sync %s/wandb/offline-run-*`)", ONLINE_WAIT_S, reason, out_dir, out_dir)
+        try:
+            return start("offline")
+        except Exception as err:
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+    log.warning("wandb %s disabled: %s", mode, reason)
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
