@@ -19,6 +19,7 @@ fast tier stays in-process however the suite grows.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing.process
 import os
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 from helpers import FINISHED_RUN, FinishedRun, assert_ok, run_pipeline, tiny_config
 
 from shards.config import DataConfig
@@ -141,8 +143,27 @@ def tiny_run(tmp_path: Path, tiny_data: Path) -> Callable[..., Any]:
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
-    """The tiny config plus FINISHED_RUN, taken through every stage by the pipeline once per session."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    tiny_config(run_dir, *FINISHED_RUN)
-    result = assert_ok(run_pipeline(run_dir / "config.json"))
+    """The tiny config plus FINISHED_RUN, taken through every stage by the pipeline once per session, and once
+    for all pytest-xdist workers of a session (they share the folder above their own, under a file lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "finished-run"
+    run_dir, record = folder / "run", folder / "pipeline.json"
+    with FileLock(str(root / "finished-run.lock")):
+        if record.is_file():
+            result = subprocess.CompletedProcess(**json.loads(record.read_text()))
+        else:
+            tiny_config(run_dir, *FINISHED_RUN)
+            result = assert_ok(run_pipeline(run_dir / "config.json"))
+            record.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                          "stdout": result.stdout, "stderr": result.stderr}))
     return FinishedRun(run_dir, run_dir / "config.json", result)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # With `-n N --dist loadgroup` (.ci/run): a module's tests stay on one worker, so its module fixtures are made
+    # once, and every Slurm test on one worker, so two never compete for the cluster's two nodes.
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -178,35 +178,10 @@ def _resumed_step(text: str) -> int:
     return steps[-1]
 
 
-@pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
-def test_sbatch_preempt_requeue_resume_with_2_process_ddp(tiny_run) -> None:
-    cfg, config = tiny_run("vqvae_train.max_steps=300")
-    run_dir = Path(cfg.run_dir)
-    job = _sbatch("slurm/train_vqvae.sh", "--config", str(config), env=stage_env(LESION_VQ_PROCS_PER_NODE="2"))
-    log = REPO / "logs" / f"lvq-train-vqvae-{job}.out"
-    try:
-        _preempt_when_checkpointed(job, run_dir)
-        _wait(lambda: log.is_file() and "SLURM_RESTART_COUNT=1" in log.read_text(), f"job {job} requeued", 150)
-        state = _wait_terminal(job, FINISH_LIMIT_S)
-        text = log.read_text()
-        assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
-        assert "checkpoint saved on signal; requeueing" in text, text[-3000:]
-        assert re.search(r"stop requested \((SIG)?USR2\)", text), text[-3000:]
-        assert _resumed_step(text) > 0
-        manifest = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
-        assert manifest["steps"] == 300
-        assert manifest["world_size"] == 2 and manifest["distributed_type"] == "MULTI_CPU", manifest
-        digests = manifest["rank_state_digests"]
-        assert len(digests) == 2 and len(set(digests)) == 1, digests
-        log.unlink()  # kept for inspection when the test fails
-    finally:
-        run_quiet(["scancel", job])
-
-
 # ----- 3. pre-emption through submitit (pipeline --cluster) ----------------------------------------
 @pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
 def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
-    cfg, config = tiny_run("vqvae_train.max_steps=300")
+    cfg, config = tiny_run("vqvae_train.max_steps=120")  # signalled after its first checkpoint (step 5)
     run_dir = Path(cfg.run_dir)
     result = _pipeline("--cluster", "--only", "vqvae", "--config", str(config), timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -223,7 +198,7 @@ def test_submitit_preempt_checkpoint_requeue_resume(tiny_run) -> None:
         assert "workers exited after the stop signal; requeueing" in out, out[-3000:]
         assert re.search(r"stop requested \((SIG)?USR2\)", err), err[-3000:]
         assert _resumed_step(err) > 0
-        assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
+        assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 120
         assert json.loads((run_dir / ".pipeline" / "vqvae.timing.json").read_text())["seconds"] > 0
     finally:
         run_quiet(["scancel", job])
@@ -246,10 +221,14 @@ def test_emitted_job_script_carries_the_configs_resources_and_signal(tmp_path: P
 
 
 @pytest.mark.timeout(FINISH_LIMIT_S + 240)  # above the jobs' own hang guard, which names the job state
-def test_sbatch_path_with_usr1_checkpoints_requeues_and_resumes(tiny_run) -> None:
-    cfg, config = tiny_run("vqvae_train.max_steps=300", "cluster.signal=USR1", "cluster.signal_delay_s=30")
+def test_job_script_with_2_process_ddp_checkpoints_on_usr1_requeues_and_resumes(tiny_run) -> None:
+    """slurm/train_vqvae.sh submits itself with the config's time limit and warning signal (USR1 here); the
+    signal reaches both DDP ranks, which agree on one checkpoint, and the requeued job resumes from it."""
+    steps = 120  # the signal comes after the first checkpoint (step 5), well before the last step
+    cfg, config = tiny_run(f"vqvae_train.max_steps={steps}", "cluster.signal=USR1", "cluster.signal_delay_s=30")
     run_dir = Path(cfg.run_dir)
-    out = run_quiet(["slurm/train_vqvae.sh", "--config", str(config)], cwd=REPO, env=stage_env())
+    out = run_quiet(["slurm/train_vqvae.sh", "--config", str(config)], cwd=REPO,
+                    env=stage_env(LESION_VQ_PROCS_PER_NODE="2"))
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     log = REPO / "logs" / f"lvq-train-vqvae-{job}.out"
@@ -264,7 +243,11 @@ def test_sbatch_path_with_usr1_checkpoints_requeues_and_resumes(tiny_run) -> Non
         assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
         assert re.search(r"stop requested \((SIG)?USR1\)", text), text[-3000:]
         assert "checkpoint saved on signal; requeueing" in text and _resumed_step(text) > 0, text[-3000:]
-        assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 300
+        manifest = json.loads((run_dir / "vqvae" / "manifest.json").read_text())
+        assert manifest["steps"] == steps
+        assert manifest["world_size"] == 2 and manifest["distributed_type"] == "MULTI_CPU", manifest
+        digests = manifest["rank_state_digests"]
+        assert len(digests) == 2 and len(set(digests)) == 1, digests
         log.unlink()  # kept for inspection when the test fails
     finally:
         run_quiet(["scancel", job])
