@@ -41,11 +41,12 @@ mode: what a run does comes from its lesion-vq config alone."""
 
 RUN_ENV = {"PYTHONHASHSEED": "0"}
 """Environment every stage process gets, whatever the user's is: one string hashing in every process and run."""
-_USER_SETTINGS = ("ACCELERATE_", "PYTHONHASHSEED", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME",
-                  "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_JOB_TYPE", "WANDB_RUN_GROUP", "WANDB_TAGS",
-                  "WANDB_DISABLED", "WANDB_CONFIG_PATHS", "WANDB_SWEEP_ID")
+_USER_SETTINGS = ("ACCELERATE_", "PYTHONHASHSEED", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT",
+                  "WANDB_ENTITY", "WANDB_NAME", "WANDB_JOB_TYPE", "WANDB_RUN_GROUP", "WANDB_TAGS",
+                  "WANDB_CONFIG_PATHS", "WANDB_SWEEP_ID")
 """Per-user environment settings that would change what a run does (precision, devices, gradient accumulation,
-DeepSpeed, hashing, where and whether it is tracked): never passed to a stage; the config decides."""
+DeepSpeed, hashing, which wandb run it writes into and where): never passed to a stage; the config decides.
+WANDB_MODE passes: it only switches tracking off or offline, never an output."""
 
 
 def _user_setting(name: str) -> bool:

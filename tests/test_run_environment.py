@@ -19,7 +19,7 @@ from runtime.launcher import ACCELERATE_CONFIG, accelerate_command, ignored_sett
 
 HOSTILE = {"ACCELERATE_MIXED_PRECISION": "fp16", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
            "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEBUG_MODE": "1", "PYTHONHASHSEED": "123",
-           "WANDB_RUN_ID": "someone-elses-run", "WANDB_MODE": "online", "WANDB_DIR": "/tmp/elsewhere"}
+           "WANDB_RUN_ID": "someone-elses-run", "WANDB_RESUME": "must", "WANDB_DIR": "/tmp/elsewhere"}
 
 
 @pytest.fixture
