@@ -161,6 +161,19 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     return FinishedRun(run_dir, run_dir / "config.json", result)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    # A report travels from an xdist worker as UTF-8; a failure naming a non-UTF-8 path (hostile-input tests make
+    # them) would otherwise crash the whole run instead of failing one test.
+    report = yield
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        report.longrepr = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    report.sections = [(key, value.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for key, value in report.sections]
+    return report
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # With `-n N --dist loadgroup` (.ci/run): a module's tests stay on one worker, so its module fixtures are made
     # once, and every Slurm test on one worker, so two never compete for the cluster's two nodes.
