@@ -123,7 +123,13 @@ class Pretrained(PyTorchModelHubMixin, library_name="lesion-vq", license="cc-by-
         """huggingface_hub's ``from_pretrained`` (``device=``, ``dtype=``; ``tokenizer=`` for a Generator), with one
         line for a path that is neither a folder here nor a Hub repository that can be fetched."""
         name = str(pretrained_model_name_or_path)
-        if Path(name).exists():
+        local = Path(name)
+        if local.exists():
+            if (local / CONFIG).is_file():  # huggingface_hub reads it first: a damaged one is named here, not there
+                try:
+                    json.loads((local / CONFIG).read_text())
+                except (OSError, ValueError) as err:
+                    raise PretrainedError(f"{local / CONFIG} is not readable JSON ({err})") from None
             return super().from_pretrained(name, **kwargs)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
             raise PretrainedError(f"{name} does not exist")

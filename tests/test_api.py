@@ -148,6 +148,12 @@ def test_a_folder_without_a_model_is_one_error(tmp_path: Path) -> None:
     _refused(lambda: Tokenizer.from_pretrained(tmp_path / "missing"), PretrainedError, "does not exist")
 
 
+def test_a_damaged_config_is_one_error_naming_it(export: Path) -> None:
+    (export / "tokenizer" / CONFIG).write_text('{"model_type": ')
+    _refused(lambda: Tokenizer.from_pretrained(export / "tokenizer"), PretrainedError,
+             f"{export / 'tokenizer' / CONFIG} is not readable JSON")
+
+
 def test_a_prior_folder_is_not_a_tokenizer(export: Path) -> None:
     _refused(lambda: Tokenizer.from_pretrained(export / "prior"), PretrainedError, "holds no lesion-vq")
 
