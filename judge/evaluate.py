@@ -58,6 +58,7 @@ from runtime.ownership import (
     refuse_dangerous_output,
     write_marker,
 )
+from runtime.schema import not_utf8
 from runtime.stages import RunLayout
 from shards.config import DataConfig
 from shards.fingerprint import input_fingerprint
@@ -333,6 +334,9 @@ def main(args: argparse.Namespace) -> int:
         args.config = args.run_dir / "config.json"
     elif args.config is None:
         raise UserError("--images needs the finished run to judge with: --run-dir RUN_DIR")
+    for flag, path in (("--images", args.images), ("--csv", args.csv), ("--out", args.out)):
+        if path is not None and (problem := not_utf8(path)) is not None:
+            raise UserError(f"{flag}: {problem}")
     evaluate_images(config_from_args(args), args.images, args.csv, args.out)
     return 0
 

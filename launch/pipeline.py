@@ -45,6 +45,10 @@ class PipelineError(UserError):
     pass
 
 
+MAX_PROCESSES = 1024
+"""``--processes`` at most: training processes started on one machine."""
+
+
 class StageStopped(Exception):
     """A stage stopped on a signal after checkpointing: the pipeline exits with ``status``."""
 
@@ -177,11 +181,20 @@ def main(args: argparse.Namespace) -> int:
         print(config_reference.markdown() if args.markdown else config_reference.text())
         return 0
     cfg = config_from_args(args)
-    if args.processes < 1:
-        raise PipelineError("--processes must be >= 1")
+    if not 1 <= args.processes <= MAX_PROCESSES:
+        raise PipelineError(f"--processes {args.processes}: allowed 1..{MAX_PROCESSES} (accelerate processes on this "
+                            "machine)")
     layout = RunLayout.of(cfg)
     if args.emit_sbatch:
         from launch.cluster import sbatch_script
+
+        local = [flag for flag, given in (("--processes", args.processes != 1), ("--cluster", args.cluster),
+                                          ("--wait", args.wait), ("--dry-run", args.dry_run),
+                                          ("--from", args.from_stage), ("--only", args.only), ("--until", args.until))
+                 if given]
+        if local:  # the job would silently run without them
+            raise PipelineError(f"--emit-sbatch writes one stage's job script, which cannot carry {', '.join(local)}; "
+                                "drop them (the job's processes and nodes come from cluster.* in the config)")
 
         print(sbatch_script(cfg, args.emit_sbatch, request=job_request(args, cfg)), end="")
         return 0
@@ -190,6 +203,9 @@ def main(args: argparse.Namespace) -> int:
         print(plan_table(cfg, make_plan(cfg, stages, forced), args.processes))
         return 0
     claim_run_dir(cfg)
+    if layout.pipeline.is_symlink():  # its lock, timings and job ids would be written wherever it points
+        raise PipelineError(f"{layout.pipeline} is a symbolic link; lesion-vq keeps its bookkeeping only in a folder "
+                            "it made: remove the link and rerun")
     say_ignored("pipeline")
     with exclusive_lock(layout.lock, f"another pipeline is already running on {layout.root}"):
         save_config(cfg, layout.config)

@@ -29,6 +29,7 @@ from launch.plan import stage_timings
 from runtime.cli import run_cli
 from runtime.config import CLASSES, ConfigError, RunConfig, add_config_args, config_from_args
 from runtime.files import atomic_write_bytes, atomic_write_json, naming, read_json
+from runtime.integrity import recorded_problems
 from runtime.lineage import claim_run_dir, claim_stage_dir
 from runtime.log import get_logger
 from runtime.stages import STAGES, RunLayout
@@ -104,6 +105,10 @@ def _codebook_histogram(cfg: RunConfig, out: Path) -> tuple[Path | None, dict[st
 
     manifest = _manifest(cfg, "encode")
     if manifest is None:
+        return None, {}
+    damaged = recorded_problems(stage_dir(cfg, "encode"), manifest, limit=1)
+    if damaged:  # read only as recorded: a summary of changed shards would describe codes nobody made
+        log.warning("codebook histogram left out: %s", damaged[0])
         return None, {}
     counts = np.zeros(manifest["codebook_size"], dtype=np.int64)
     for batch in make_code_eval_loader(stage_dir(cfg, "encode") / "train", batch_size=256):

@@ -17,6 +17,7 @@ from typing import Any
 from runtime.config import ConfigError
 from runtime.files import atomic_write_json, read_json, sha256_file
 from runtime.lineage import LineageError
+from runtime.schema import MAX_ARRAY_TASKS
 
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +34,8 @@ def task_slots(args: argparse.Namespace) -> tuple[list[int], int]:
         if args.shard_index is not None:
             raise ConfigError("--all-tasks runs every task: it cannot be combined with --shard-index")
         count = args.num_shards or 1
-        if count < 1:
-            raise ConfigError(f"--num-shards {count}: allowed: 1 or more")
+        if not 1 <= count <= MAX_ARRAY_TASKS:
+            raise ConfigError(f"--num-shards {count}: allowed: 1..{MAX_ARRAY_TASKS}")
         return list(range(count)), count
     index, count = _task_slot(args)
     return [index], count
@@ -49,7 +50,9 @@ def _task_slot(args: argparse.Namespace) -> tuple[int, int]:
         count = int(env["SLURM_ARRAY_TASK_COUNT"])
     else:
         index, count = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-    if count < 1 or not 0 <= index < count:
+    if not 1 <= count <= MAX_ARRAY_TASKS:
+        raise ConfigError(f"{count} tasks: allowed 1..{MAX_ARRAY_TASKS} (--num-shards, or the Slurm array size)")
+    if not 0 <= index < count:
         raise ConfigError(f"task index {index} is outside 0..{count - 1} (--shard-index/--num-shards)")
     return index, count
 

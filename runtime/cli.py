@@ -91,6 +91,9 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     from runtime.signals import EXIT_INTERRUPTED
 
     honour_parent_watch()
+    # A path or id with bytes that are not UTF-8 is printed escaped, never a UnicodeEncodeError after the work.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = parser.parse_args()
     try:
         sys.exit(main(args))

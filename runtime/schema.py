@@ -106,16 +106,26 @@ def _path_text(value: Any) -> Any:
     # Path("") is "." (the current folder) and a NUL byte fails at the first open: both are typos.
     if isinstance(value, str) and (not value.strip() or "\x00" in value):
         raise ValueError("must be a path, not empty and without NUL characters")
-    # A name with bytes that are not UTF-8 (Python keeps them as surrogates) cannot be saved in config.json or
-    # any manifest: refused here, before a folder is created, not as a serialisation traceback afterwards.
-    if isinstance(value, str) and not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise ValueError(f"{shown} holds bytes that are not UTF-8; rename it (or link to it from a UTF-8 "
-                             "name): lesion-vq records every path in JSON") from None
+    problem = not_utf8(value) if isinstance(value, str) else None
+    if problem:
+        raise ValueError(problem)
     return value
+
+
+def not_utf8(path: str | Path) -> str | None:
+    """Why ``path`` cannot be recorded (None when it can): a name with bytes that are not UTF-8 (Python keeps them
+    as surrogates) fits no config.json or manifest. Checked where a path enters (config keys, --out, --images),
+    before a folder is created, not as a serialisation traceback afterwards."""
+    text = str(path)
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return (f"{shown} holds bytes that are not UTF-8; rename it (or link to it from a UTF-8 name): lesion-vq "
+                "records every path in JSON")
+    return None
 
 
 UserPath = Annotated[Path, BeforeValidator(_path_text)]

@@ -19,6 +19,7 @@ from runtime.cli import EXIT_USAGE, os_error_line
 from runtime.config import CLASSES, ConfigError, add_config_args, config_from_args
 from runtime.errors import UserError
 from runtime.files import naming, remove_stale_temps
+from runtime.schema import not_utf8
 from runtime.stages import SPLITS
 from shards.config import DataConfig
 from shards.ingest import summarise
@@ -79,6 +80,8 @@ def _inspect(folder: Path, preview: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # as run_cli: a name that is not UTF-8 is printed escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += [f"data.isic_csv={args.csv}"] if args.csv else []
             args.overrides = extra + args.overrides
         cfg = config_from_args(args)
+        if (problem := not_utf8(args.out)) is not None:
+            raise ConfigError(f"--out: {problem}")
         if args.command == "pack" and cfg.data.isic_images is None:
             raise ConfigError("pack needs images: --images DIR (or data.isic_images=DIR); "
                               "use `python -m shards synth` for synthetic data")

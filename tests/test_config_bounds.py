@@ -58,3 +58,38 @@ def test_path_with_undecodable_bytes_refused_before_anything_is_created(tmp_path
         build_config("smoke", overrides)
     assert key.split(".")[-1] in str(err.value) and "\\xe9" in str(err.value)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("processes", ["0", "1025", "100000000"])
+def test_pipeline_processes_bounded(tmp_path: Path, processes: str) -> None:
+    from launch.pipeline import PipelineError, main, parser
+
+    with pytest.raises(PipelineError, match=r"allowed 1\.\.1024"):
+        main(parser().parse_args([*TINY, f"run_dir={tmp_path / 'run'}", "--processes", processes, "--dry-run"]))
+
+
+@pytest.mark.parametrize("argv", [["--num-shards", "5000", "--all-tasks"], ["--num-shards", "1001", "--shard-index",
+                                                                               "3"]])
+def test_array_task_count_bounded(argv: list[str]) -> None:
+    import argparse
+
+    from runtime.array_task import add_task_args, task_slots
+
+    parser = argparse.ArgumentParser()
+    add_task_args(parser)
+    with pytest.raises(ConfigError, match=f"1..{MAX_ARRAY_TASKS}"):
+        task_slots(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("command", ["synth", "pack"])
+def test_pack_out_with_undecodable_bytes_refused_in_one_line(tmp_path: Path, command: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from shards.__main__ import main
+
+    (tmp_path / "images" / "MEL").mkdir(parents=True)
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xe9")
+    extra = ["--images", str(tmp_path / "images")] if command == "pack" else []
+    assert main([command, "--out", bad, *extra, "data.num_images=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out:") and "not UTF-8" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["images"]

@@ -159,3 +159,13 @@ def test_report_survives_file_names_that_are_not_utf8(tmp_path: Path) -> None:
     pack_isic(cfg.data, RunLayout.of(cfg).stage_dir("data"))
     page = write_report(cfg).read_text()
     assert "stray_\\udce9" in page
+
+
+def test_inspect_prints_names_that_are_not_utf8(hostile_folders: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from shards.__main__ import main
+
+    pack_isic(DataConfig(source="isic", isic_images=hostile_folders, image_size=16, workers=1, val_fraction=0.2,
+                         test_fraction=0.2), tmp_path / "out")
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "stray_\\udce9" in capsys.readouterr().out

@@ -91,3 +91,14 @@ def test_stage_sh_applies_the_overrides_in_the_job(tmp_path: Path) -> None:
         assert sum(split["num_samples"] for split in splits.values()) == 37  # the override, not the config's 96
     finally:
         run_quiet(["scancel", job])
+
+
+@pytest.mark.parametrize("flag", [["--processes", "4"], ["--cluster"], ["--until", "vqvae"], ["--only", "encode"],
+                                  ["--dry-run"]])
+def test_flags_a_job_script_cannot_carry_are_refused(tmp_path: Path, flag: list[str]) -> None:
+    from launch.pipeline import PipelineError
+
+    tiny_config(tmp_path / "run")
+    with pytest.raises(PipelineError, match="cannot carry"):
+        main(parser().parse_args(["--emit-sbatch", "vqvae", "--config", str(tmp_path / "run" / "config.json"),
+                                  *flag]))

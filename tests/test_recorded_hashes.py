@@ -187,3 +187,18 @@ def test_pipeline_remakes_tampered_weights_in_one_run(run: tuple[Path, RunConfig
     assert result.returncode == 0, result.stderr
     assert "[prior] run: its files changed after they were made" in result.stdout
     assert "[vqvae] skip" in result.stdout
+
+
+@pytest.mark.slow
+def test_report_reads_code_shards_only_as_recorded(run: tuple[Path, RunConfig]) -> None:
+    from launch.report import write_report
+
+    run_dir, cfg = run
+    shard = sorted((run_dir / "codes" / "train").glob("shard-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_dir / "report" / "codebook-usage.png").unlink()  # made by the pipeline's report from intact shards
+    write_report(cfg)
+    assert not (run_dir / "report" / "codebook-usage.png").exists()
+    assert json.loads((run_dir / "report" / "metrics.json").read_text())["codebook_train"] == {}

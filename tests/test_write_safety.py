@@ -152,3 +152,14 @@ def test_pack_replace_checks_history_first(tmp_path: Path) -> None:
     with pytest.raises(OwnershipError, match="not a folder"):
         pack_synthetic(DataConfig(num_images=21, image_size=16, workers=1), out, replace=True)
     assert (out / "manifest.json").is_file()
+
+
+def test_pipeline_bookkeeping_folder_symlink_is_refused(tmp_path: Path, victim: Path) -> None:
+    from launch.pipeline import PipelineError, main, parser
+
+    run_dir = tmp_path / "run"
+    write_marker(run_dir, "run")
+    (run_dir / ".pipeline").symlink_to(tmp_path, target_is_directory=True)  # jobs.json, timings, lock: elsewhere
+    with pytest.raises(PipelineError, match="symbolic link"):
+        main(parser().parse_args([*TINY, f"run_dir={run_dir}", "--until", "data"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "victim.txt"]
