@@ -22,6 +22,7 @@ from prior.models import build_prior
 from runtime.balance import split_class_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, RunConfig, config_from_args
+from runtime.cost import forward_macs
 from runtime.lineage import begin_stage
 from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout
@@ -110,8 +111,24 @@ def build_plan(cfg: RunConfig, resume: str, codes_dir: Path | None = None) -> tu
     return PriorTask(cfg, codes_dir, manifest), plan
 
 
+def print_cost(cfg: RunConfig) -> None:
+    """Parameters and MACs of the prior over the code grid that ``cfg``'s VQ-VAE gives at its image size."""
+    from vqvae.models import build_vqvae
+
+    grid = build_vqvae(cfg.vqvae).code_grid(cfg.data.image_size)
+    model = build_prior(cfg.prior, cfg.vqvae.codebook_size, len(CLASSES))
+    codes, labels = torch.zeros(1, *grid, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    print(f"{cfg.prior.arch} prior parameters: {sum(p.numel() for p in model.parameters()):,}")
+    # One teacher-forced forward scores every code of a grid; sampling a PixelCNN runs it once per code.
+    print(f"{cfg.prior.arch} prior MACs per {grid[0]}x{grid[1]} code grid (one forward, as in training): "
+          f"{forward_macs(model, codes, labels):,}")
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.print_params:
+        print_cost(cfg)
+        return 0
     task, plan = build_plan(cfg, args.resume, args.codes)
     return train(task, plan)
 
@@ -119,6 +136,8 @@ def main(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = stage_parser(__doc__.splitlines()[0], training=True)
     p.add_argument("--codes", type=Path, help="code shard directory (default: RUN_DIR/codes)")
+    p.add_argument("--print-params", action="store_true",
+                   help="print the parameter count and the MACs per code grid (at the VQ-VAE's grid) and exit")
     return p
 
 

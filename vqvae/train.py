@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from runtime.cli import run_cli, stage_parser
 from runtime.config import RunConfig, config_from_args
+from runtime.cost import forward_macs
 from runtime.images import save_grid
 from runtime.lineage import begin_stage
 from runtime.stages import RunLayout
@@ -128,7 +129,11 @@ def build_plan(cfg: RunConfig, resume: str, data_dir: Path | None = None) -> tup
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_params:
-        print(f"{cfg.vqvae.arch} VQ-VAE parameters: {count_parameters(build_vqvae(cfg.vqvae)):,}")
+        model = build_vqvae(cfg.vqvae)
+        size = cfg.data.image_size
+        print(f"{cfg.vqvae.arch} VQ-VAE parameters: {count_parameters(model):,}")
+        print(f"{cfg.vqvae.arch} VQ-VAE MACs per {size}x{size} image (encode, quantize, decode): "
+              f"{forward_macs(model, torch.zeros(1, 3, size, size)):,}")
         if (adv := cfg.vqvae_train.adversarial).enabled:
             disc = PatchDiscriminator(adv.disc_layers, adv.disc_channels)
             print(f"discriminator parameters: {count_parameters(disc):,}")
@@ -140,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = stage_parser(__doc__.splitlines()[0], training=True)
     p.add_argument("--data", type=Path, help="image shard directory (default: RUN_DIR/data)")
-    p.add_argument("--print-params", action="store_true", help="print the parameter count and exit")
+    p.add_argument("--print-params", action="store_true",
+                   help="print the parameter count and the MACs per image and exit")
     return p
 
 
