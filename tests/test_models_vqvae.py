@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime.config import build_config
+from runtime.cost import forward_macs
 from vqvae.config import EMAQuantizerConfig, ImprovedVQVAEConfig
 from vqvae.models import build_vqvae, count_parameters
 from vqvae.quantizers import VectorQuantizer
@@ -118,6 +119,45 @@ def test_improved_loss_decreases_below_best_constant_image() -> None:
     # Beating the best image-independent output means the codes carry per-image information.
     best_constant = F.mse_loss(x.mean(0, keepdim=True).expand_as(x), x).item()
     assert sum(recon[-3:]) / 3 < 0.8 * best_constant, (recon, best_constant)
+
+
+# ----- improved architecture with a cheap stem (patch_size) ------------------------------------------
+@pytest.mark.parametrize("patch", [2, 4])
+def test_patch_stem_runs_nothing_at_full_resolution_and_round_trips_codes(patch: int) -> None:
+    cfg = SMALL.model_copy(update={"patch_size": patch})
+    assert cfg.downsample_factor == patch * 4
+    torch.manual_seed(0)
+    model = build_vqvae(cfg)
+    x = _blobs(2, 32, seed=1)
+    sides: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    out = model(x)  # training mode: k-means init on this batch
+    for hook in hooks:
+        hook.remove()
+    assert max(sides) == 32 // patch  # every convolution runs at 1/patch of the image side or less
+    side = 32 // (patch * 4)
+    assert model.code_grid(32) == (side, side) and out.codes.shape == (2, side, side)
+    assert out.recon.shape == x.shape and out.recon.min() >= 0 and out.recon.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(model.encode(x), out.codes)
+        torch.testing.assert_close(model.decode_codes(out.codes), out.recon)
+
+
+def test_patch_stem_is_cheaper_and_patch_size_1_keeps_the_layers_of_older_weights() -> None:
+    # ham128's VQ-VAE as it was before patch_size existed (76 tensors, the last conv at decoder.12): its weights load.
+    before = build_vqvae(build_config("ham128", ["data.isic_images=/images"]).vqvae)
+    keys = [key for key in before.state_dict() if key.startswith("decoder.")]
+    assert count_parameters(before) == 1_143_559 and len(before.state_dict()) == 76
+    assert keys[-2:] == ["decoder.12.weight", "decoder.12.bias"]
+    # The same 16x16 code grid at 64 px with one stage fewer: no conv at 64 px, fewer MACs.
+    cheap = build_vqvae(SMALL.model_copy(update={"patch_size": 2, "channels": [32]}))
+    full = build_vqvae(SMALL)
+    assert cheap.code_grid(64) == full.code_grid(64) == (16, 16)
+    image = torch.zeros(1, 3, 64, 64)
+    assert forward_macs(cheap, image) < 0.7 * forward_macs(full, image)
 
 
 # ----- quantiser, single process -------------------------------------------------------------------

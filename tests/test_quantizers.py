@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prior.config import GatedPriorConfig
 from prior.models import build_prior
 from runtime.config import ConfigError, build_config, load_config, save_config
+from runtime.schema import identity_values
 from shards.codes import CodeDecoder, code_dtype, codes_npy
 from vqvae.config import (
     QUANTIZER_CONFIGS,
@@ -37,14 +39,19 @@ from vqvae.quantizers import QUANTIZERS, Quantizer, build_quantizer
 REPO = Path(__file__).resolve().parents[1]
 PRESET_NAMES = ("smoke", "seed", "improved")
 
-# One small configuration per kind (fsq twice: with and without the learned projections).
+# One small configuration per kind (fsq twice: with and without the learned projections), and the codebook kinds
+# with their options: factorised l2-normalised codes (lookup_dim), the rotation trick, both.
 KINDS: dict[str, QuantizerConfig] = {
     "ema": EMAQuantizerConfig(codebook_size=16, decay=0.8, dead_code_threshold=2.0),
     "loss": LossQuantizerConfig(codebook_size=16, kmeans_init=True),
     "fsq": FSQQuantizerConfig(levels=[5, 4, 3]),
     "fsq-projected": FSQQuantizerConfig(levels=[8, 5, 5, 5]),
+    "ema-cosine": EMAQuantizerConfig(codebook_size=16, decay=0.8, dead_code_threshold=2.0, lookup_dim=3),
+    "ema-rotation": EMAQuantizerConfig(codebook_size=16, decay=0.8, dead_code_threshold=2.0, rotation_trick=True),
+    "loss-cosine-rotation": LossQuantizerConfig(codebook_size=16, kmeans_init=True, lookup_dim=3, rotation_trick=True),
 }
-DIMS = {"ema": 4, "loss": 4, "fsq": 3, "fsq-projected": 6}
+DIMS = {"ema": 4, "loss": 4, "fsq": 3, "fsq-projected": 6, "ema-cosine": 6, "ema-rotation": 4,
+        "loss-cosine-rotation": 6}
 
 
 def _quantizer(name: str, seed: int = 0) -> Quantizer:
@@ -166,10 +173,10 @@ WORLD, STEPS = 2, 3
 class _Front(nn.Module):
     """A parameter in front of the quantizer, so DDP has gradients to all-reduce for every kind."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, seed: int = 0) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))
-        self.quantizer = _quantizer(name)
+        self.quantizer = _quantizer(name, seed)
 
     def forward(self, z: Tensor) -> Tensor:
         out = self.quantizer(z * self.scale)
@@ -222,6 +229,113 @@ def test_every_kind_ends_with_identical_state_on_every_rank(tmp_path: Path) -> N
             assert any(k.startswith("quantizer.") for k in moved), (name, moved)
 
 
+# ----- bit-exact resume, every kind ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_kind_resumes_bit_exactly_from_its_state(name: str) -> None:
+    """6 training steps in one go equal 3 steps, the model's and the optimizer's state loaded into a module made
+    from another seed, then 3 more: codebooks, EMA statistics, restart counters and projections alike."""
+    batches = [_batch(name, 24, seed=s) + s % 3 for s in range(6)]
+
+    def steps(module: _Front, optim: torch.optim.Optimizer, part: list[Tensor]) -> None:
+        for batch in part:
+            optim.zero_grad()
+            module(batch).backward()
+            optim.step()
+
+    straight = _Front(name).train()
+    opt = torch.optim.Adam(straight.parameters(), lr=0.05)
+    steps(straight, opt, batches)
+    first = _Front(name).train()
+    first_opt = torch.optim.Adam(first.parameters(), lr=0.05)
+    steps(first, first_opt, batches[:3])
+    resumed = _Front(name, seed=123).train()
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=0.05)
+    resumed.load_state_dict(first.state_dict())
+    resumed_opt.load_state_dict(first_opt.state_dict())
+    steps(resumed, resumed_opt, batches[3:])
+    for key, value in _full_state(straight).items():
+        assert torch.equal(value, _full_state(resumed)[key]), f"{name} {key}"
+    assert not torch.equal(_full_state(straight)["scale"], _full_state(first)["scale"])  # the steps moved it
+
+
+# ----- factorised codes and the rotation trick ----------------------------------------------------------
+def test_factorised_codes_are_l2_normalised_and_looked_up_by_cosine() -> None:
+    q = _quantizer("ema-cosine").train()
+    for seed in range(3):
+        q(_batch("ema-cosine", 64, seed=seed))
+    q.eval()
+    codebook = q.codebook()
+    assert codebook.shape == (16, 3) and q.embedding.shape == (16, 3)  # a 3-wide lookup for 6-wide vectors
+    torch.testing.assert_close(codebook.norm(dim=1), torch.ones(16))
+    z = _batch("ema-cosine", 100, seed=7)
+    with torch.no_grad():
+        cosine = F.normalize(q.project_in(z), dim=1) @ codebook.t()
+        out = q(z)
+    assert torch.equal(q.nearest(z), cosine.argmax(1))
+    assert out.quantized.shape == (100, 6)  # projected back to code_dim
+    # The EMA moved the codebook (it is learned by averaging in the normalised space, not by gradients).
+    assert not q.embedding.requires_grad and float(q.step) == 3
+
+
+def test_codebook_kinds_without_options_keep_their_state_dict_keys() -> None:
+    """lookup_dim 0 adds no module and no parameter: weights saved before the option existed still load."""
+    ema = build_quantizer(EMAQuantizerConfig(codebook_size=8), 4)
+    loss = build_quantizer(LossQuantizerConfig(codebook_size=8, rotation_trick=True), 4)
+    assert set(ema.state_dict()) == {"embedding", "embed_sum", "cluster_size", "initialized", "step"}
+    assert set(loss.state_dict()) == {"embedding", "cluster_size", "initialized", "step"}
+    projected = build_quantizer(EMAQuantizerConfig(codebook_size=8, lookup_dim=2), 4)
+    assert {"project_in.weight", "project_out.bias"} <= set(projected.state_dict())
+
+
+def _plane_rotation(a: Tensor, b: Tensor) -> Tensor:
+    """The D×D rotation taking the direction of ``a`` to that of ``b`` within their plane, the identity on its
+    orthogonal complement (Fifty et al. 2024, eq. 2), built from an angle and an orthonormal basis of the plane."""
+    u = F.normalize(a, dim=0)
+    v = F.normalize(b - (b @ u) * u, dim=0)
+    angle = torch.atan2(b @ v, b @ u)
+    plane = torch.outer(u, u) + torch.outer(v, v)
+    return torch.eye(len(a), dtype=a.dtype) + (angle.cos() - 1) * plane + angle.sin() * (
+        torch.outer(v, u) - torch.outer(u, v))
+
+
+@pytest.mark.parametrize("name", ["ema-rotation", "loss-cosine-rotation"])
+def test_rotation_trick_gradient_is_the_rotated_rescaled_output_gradient(name: str) -> None:
+    """d quantized / d z = (|e| / |z|) R with R rotating z onto its code e, so the input gets (|e| / |z|) R^T g for
+    an output gradient g (straight-through would pass g itself); in the lookup space with lookup_dim."""
+    q = _quantizer(name).train()  # the quantizer computes in float32; the reference in float64
+    q(_batch(name, 64, seed=1))  # k-means initialisation
+    q.eval()
+    z = _batch(name, 8, seed=2).requires_grad_()
+    out = q(z)
+    g = torch.randn(out.quantized.shape, generator=torch.Generator().manual_seed(3))
+    out.quantized.backward(g)
+    lookup = q._to_lookup(z)  # the vectors the codes were looked up for (z itself without lookup_dim)
+    codes = q.codebook()[out.indices].detach().double()
+    # The gradient arriving in the lookup space (through project_out when there is one), rotated by definition.
+    g_lookup = (g @ q.project_out.weight if q.normalized else g).detach().double()
+    rotated = torch.stack([
+        tgt.norm() / src.norm() * _plane_rotation(src, tgt).t() @ grad
+        for src, tgt, grad in zip(lookup.detach().double(), codes, g_lookup, strict=True)])
+    # ... and carried back to z through the lookup's own map (the projection and normalisation, if any).
+    expected, = torch.autograd.grad(lookup, z, rotated.float())
+    torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
+    straight_through, = torch.autograd.grad(q._to_lookup(z), z, g_lookup.float())
+    assert not torch.allclose(z.grad, straight_through, atol=1e-3)
+    # The forward values are the codes themselves, bit for bit, as indices_to_vectors gives them.
+    assert torch.equal(out.quantized, q.indices_to_vectors(out.indices))
+
+
+@pytest.mark.parametrize("name", ["ema-rotation", "loss-cosine-rotation", "ema-cosine"])
+def test_options_take_an_empty_batch_without_nan(name: str) -> None:
+    """A batch emptied by damaged shards still takes part in the step: zero loss, no NaN, no state change."""
+    q = _quantizer(name).train()
+    q(_batch(name, 32, seed=1))
+    z = torch.zeros(0, DIMS[name], requires_grad=True)
+    out = q(z)
+    (out.quantized.sum() + out.loss).backward()
+    assert out.quantized.shape == (0, DIMS[name]) and float(out.loss.detach()) == 0.0
+
+
 # ----- config: one union, each kind with its own settings ------------------------------------------
 def test_presets_keep_their_quantizers() -> None:
     assert build_config("smoke").vqvae.quantizer == EMAQuantizerConfig(codebook_size=128, decay=0.95)
@@ -255,6 +369,9 @@ def test_setting_the_same_kind_keeps_the_presets_settings() -> None:
     (["vqvae.codebook_size=64"], ["it is a setting of vqvae.quantizer: vqvae.quantizer.codebook_size"]),
     (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.levels=[8,8,8,8,8,8]"], ["make 262144 codes; allowed: at most"]),
     (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.levels=[2,5]"], ["levels.0: Input should be greater than"]),
+    (["vqvae.quantizer.lookup_dim=1"], ["lookup_dim=1 leaves each normalised vector only its sign"]),
+    (["vqvae.quantizer.kind=fsq", "vqvae.quantizer.rotation_trick=true"],
+     ["'rotation_trick' is not in vqvae.quantizer (kind fsq)"]),
 ])
 def test_settings_of_another_kind_fail_on_one_line(overrides: list[str], needles: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
@@ -263,6 +380,21 @@ def test_settings_of_another_kind_fail_on_one_line(overrides: list[str], needles
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
+
+
+@pytest.mark.parametrize("kind", ["ema", "loss"])
+def test_codebook_options_enter_the_identity_only_when_set(kind: str) -> None:
+    """Added settings: at their old values (off) finished stages stay up to date; set, they make new outputs."""
+    plain = build_config("smoke", [f"vqvae.quantizer.kind={kind}"])
+    assert {"lookup_dim", "rotation_trick"}.isdisjoint(identity_values(plain.vqvae.quantizer))
+    assert "patch_size" not in identity_values(plain.vqvae)
+    cfg = build_config("smoke", [f"vqvae.quantizer.kind={kind}", "vqvae.quantizer.lookup_dim=8",
+                                 "vqvae.quantizer.rotation_trick=true", "vqvae.patch_size=2"])
+    assert identity_values(cfg.vqvae.quantizer) | {"lookup_dim": 8, "rotation_trick": True} == \
+        identity_values(cfg.vqvae.quantizer)
+    assert identity_values(cfg.vqvae)["patch_size"] == 2 and cfg.downsample_factor == 8
+    model = build_vqvae(cfg.vqvae)
+    assert model.quantizer.codebook().shape == (cfg.vqvae.codebook_size, 8) and model.quantizer.rotation_trick
 
 
 @pytest.mark.slow

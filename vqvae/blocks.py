@@ -67,10 +67,14 @@ def seed_decoder(channels: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def improved_encoder(channels: list[int], res_blocks: int, code_dim: int) -> nn.Sequential:
-    """3x3 stem, then per width one 4x4 stride-2 conv followed by ``res_blocks`` residual blocks,
-    then GN+SiLU and a 1x1 projection to ``code_dim`` (one code vector per position)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1)]
+def improved_encoder(channels: list[int], res_blocks: int, code_dim: int, patch_size: int = 1) -> nn.Sequential:
+    """Stem (3x3 conv, or with ``patch_size`` > 1 a patch_size x patch_size stride-patch_size conv: a linear map of
+    each patch, so no layer runs at full resolution), then per width one 4x4 stride-2 conv followed by
+    ``res_blocks`` residual blocks, then GN+SiLU and a 1x1 projection to ``code_dim`` (one code vector per
+    position)."""
+    stem = nn.Conv2d(3, channels[0], 3, padding=1) if patch_size == 1 else \
+        nn.Conv2d(3, channels[0], patch_size, stride=patch_size)
+    layers: list[nn.Module] = [stem]
     prev = channels[0]
     for width in channels:
         layers.append(nn.Conv2d(prev, width, 4, stride=2, padding=1))
@@ -80,14 +84,18 @@ def improved_encoder(channels: list[int], res_blocks: int, code_dim: int) -> nn.
     return nn.Sequential(*layers)
 
 
-def improved_decoder(channels: list[int], res_blocks: int, code_dim: int) -> nn.Sequential:
+def improved_decoder(channels: list[int], res_blocks: int, code_dim: int, patch_size: int = 1) -> nn.Sequential:
     """Mirror of :func:`improved_encoder`; up-sampling is nearest ×2 + 3x3 conv (no checkerboard
-    artefacts from transposed convs), output squashed to [0, 1] by a sigmoid."""
+    artefacts from transposed convs); with ``patch_size`` > 1 the last conv gives each position's patch_size x
+    patch_size patch (depth-to-space); output squashed to [0, 1] by a sigmoid."""
     widths = channels[::-1]
     layers: list[nn.Module] = [nn.Conv2d(code_dim, widths[0], 3, padding=1)]
     for i, width in enumerate(widths):
         layers += [ResBlock(width) for _ in range(res_blocks)]
         nxt = widths[i + 1] if i + 1 < len(widths) else channels[0]
         layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, nxt, 3, padding=1)]
-    layers += [group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], 3, 3, padding=1), nn.Sigmoid()]
+    layers += [group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], 3 * patch_size**2, 3, padding=1)]
+    if patch_size > 1:  # only then: patch_size 1 keeps the layer indices (state-dict keys) of older weights
+        layers.append(nn.PixelShuffle(patch_size))
+    layers.append(nn.Sigmoid())
     return nn.Sequential(*layers)

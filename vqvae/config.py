@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, model_validator
+from pydantic import AfterValidator, Field, TypeAdapter, model_validator
 
 from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, NOT_IN_IDENTITY, Kinds, Strict, added_setting
 from runtime.train_config import OptimConfig
@@ -22,6 +22,25 @@ the prior does: it predicts one logit per code and position, and 65,536 codes x 
 32 are already 2 GiB of float32 logits."""
 
 CodebookSize = Annotated[int, Field(ge=2, le=MAX_CODEBOOK_SIZE, description="number of codes")]
+
+MAX_LOOKUP_DIM = 1024
+
+
+def _not_one(value: int) -> int:
+    if value == 1:  # one normalised dimension is a sign: 2 codes, whatever codebook_size says
+        raise ValueError("lookup_dim=1 leaves each normalised vector only its sign; allowed: 0 (off) or at least 2")
+    return value
+
+
+LookupDim = Annotated[int, AfterValidator(_not_one), Field(
+    ge=0, le=MAX_LOOKUP_DIM, json_schema_extra=added_setting(0), description=(
+        "0: codes are looked up among code_dim-wide vectors as they are; N >= 2: factorised codes (ViT-VQGAN, "
+        "LlamaGen): each vector is projected to N dimensions, l2-normalised and matched to an l2-normalised "
+        "codebook by cosine similarity, then projected back to code_dim (learned linear maps); 4-8 keeps most "
+        "codes in use"))]
+RotationTrick = Annotated[bool, Field(json_schema_extra=added_setting(False), description=(
+    "gradient through the quantizer by the rotation trick (Fifty et al. 2024): the output's gradient rotated "
+    "from the code to the encoder's vector and rescaled by their norms, instead of copied (straight-through)"))]
 
 
 # ----- quantizers: one kind each ------------------------------------------------------------------------
@@ -35,6 +54,8 @@ class EMAQuantizerConfig(Strict):
     decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay of the codebook statistics")
     dead_code_threshold: float = Field(1.0, ge=0.0, description="EMA usage below which a code is restarted")
     kmeans_init: bool = Field(True, description="codebook from k-means on the first batch")
+    lookup_dim: LookupDim = 0
+    rotation_trick: RotationTrick = False
 
 
 class LossQuantizerConfig(Strict):
@@ -44,6 +65,8 @@ class LossQuantizerConfig(Strict):
     codebook_size: CodebookSize = 512
     commitment: float = Field(0.25, ge=0.0, description="weight of the commitment loss ||z - sg(e)||^2")
     kmeans_init: bool = Field(False, description="k-means on the first batch instead of the report's uniform init")
+    lookup_dim: LookupDim = 0
+    rotation_trick: RotationTrick = False
 
 
 class FSQQuantizerConfig(Strict):
@@ -90,7 +113,7 @@ class _Autoencoder(Strict):
     channels: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(
         default_factory=lambda: [32, 64, 128, 256, 256], min_length=1, max_length=8,
         description="seed: encoder conv widths (one stride-2 conv each); improved: widths of the down-sampling "
-                    "stages. The image side shrinks by 2 ** len(channels)")
+                    "stages. The image side shrinks by 2 ** len(channels) (improved: times patch_size)")
     code_dim: int = Field(64, ge=1, le=MAX_COUNT, description="width of each vector the quantizer takes")
     quantizer: QuantizerConfig = Field(default_factory=EMAQuantizerConfig, description=(
         "the quantizer, one of several kinds chosen by its kind (ema, loss, fsq)"))
@@ -110,6 +133,15 @@ class ImprovedVQVAEConfig(_Autoencoder):
 
     arch: Literal["improved"] = Field("improved", description=_ARCH)
     res_blocks: int = Field(2, ge=0, le=MAX_COUNT, description="residual blocks per stage")
+    patch_size: Literal[1, 2, 4] = Field(1, json_schema_extra=added_setting(1), description=(
+        "1: a 3x3 stem conv and a last up-sampling stage at full resolution; 2 or 4: a cheap stem, nothing at full "
+        "resolution: the encoder's first layer cuts patch_size x patch_size patches (a stride-patch_size conv) "
+        "and the decoder's last layer gives each position's patch (depth-to-space). The image side shrinks by "
+        "patch_size * 2 ** len(channels)"))
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.patch_size * 2 ** len(self.channels)
 
 
 class SeedVQVAEConfig(_Autoencoder):

@@ -5,7 +5,7 @@ Both architectures share one model class; they differ in the encoder/decoder sta
 many code vectors one latent position holds:
 
 * ``improved``: the encoder ends in a 1x1 projection to ``code_dim``: one code per position, code
-  grid = image_size / 2**len(channels) on each side.
+  grid = image_size / (patch_size * 2**len(channels)) on each side.
 * ``seed`` (the report): the 256-channel latent (8×8 for 256 px) is viewed as B×H×W×C and split
   into C / code_dim = 4 vectors of 64 per position (4096 vectors for a batch of 16). For the prior,
   the r² = 4 codes of position (i, j) are laid out on a single-code grid by depth-to-space:
@@ -109,9 +109,9 @@ class VQVAE(nn.Module):
 
 
 def _improved(cfg: ImprovedVQVAEConfig, quantizer: Quantizer) -> VQVAE:
-    return VQVAE(improved_encoder(cfg.channels, cfg.res_blocks, cfg.code_dim),
-                 improved_decoder(cfg.channels, cfg.res_blocks, cfg.code_dim), quantizer, cfg.downsample_factor,
-                 codes_per_side=1)
+    return VQVAE(improved_encoder(cfg.channels, cfg.res_blocks, cfg.code_dim, cfg.patch_size),
+                 improved_decoder(cfg.channels, cfg.res_blocks, cfg.code_dim, cfg.patch_size), quantizer,
+                 cfg.downsample_factor, codes_per_side=1)
 
 
 def _seed(cfg: SeedVQVAEConfig, quantizer: Quantizer) -> VQVAE:

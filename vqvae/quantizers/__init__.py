@@ -19,12 +19,14 @@ __all__ = ["QUANTIZERS", "FSQuantizer", "Quantizer", "QuantizerOutput", "VectorQ
 
 def _ema(cfg: EMAQuantizerConfig, dim: int) -> Quantizer:
     return VectorQuantizer(cfg.codebook_size, dim, cfg.commitment, mode="ema", decay=cfg.decay,
-                           dead_code_threshold=cfg.dead_code_threshold, kmeans_init=cfg.kmeans_init)
+                           dead_code_threshold=cfg.dead_code_threshold, kmeans_init=cfg.kmeans_init,
+                           lookup_dim=cfg.lookup_dim, rotation_trick=cfg.rotation_trick)
 
 
 def _loss(cfg: LossQuantizerConfig, dim: int) -> Quantizer:
     # The usage EMA behind the dead_codes statistic keeps VectorQuantizer's defaults (decay 0.99, threshold 1).
-    return VectorQuantizer(cfg.codebook_size, dim, cfg.commitment, mode="loss", kmeans_init=cfg.kmeans_init)
+    return VectorQuantizer(cfg.codebook_size, dim, cfg.commitment, mode="loss", kmeans_init=cfg.kmeans_init,
+                           lookup_dim=cfg.lookup_dim, rotation_trick=cfg.rotation_trick)
 
 
 def _fsq(cfg: FSQQuantizerConfig, dim: int) -> Quantizer:

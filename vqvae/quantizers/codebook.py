@@ -17,6 +17,10 @@ rank 0's shard of the data only, with no error anywhere.
 
 Evaluation-mode forwards (and :meth:`nearest`) communicate nothing and change no state, so a
 single rank can encode a dataset on its own.
+
+Options of both modes: ``lookup_dim`` (factorised codes: the codebook, its EMA statistics, k-means and restarts
+all live in the projected, l2-normalised space; the projections are parameters, so DDP all-reduces their
+gradients like any other) and ``rotation_trick`` (another gradient, the same forward values and state).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class VectorQuantizer(Quantizer):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         eps: float = 1e-5,
+        lookup_dim: int = 0,
+        rotation_trick: bool = False,
     ) -> None:
         super().__init__(codebook_size, dim)
         if mode not in ("loss", "ema"):
@@ -118,13 +124,16 @@ class VectorQuantizer(Quantizer):
         self.dead_code_threshold = dead_code_threshold
         self.kmeans_iters = kmeans_iters
         self.eps = eps
+        self.rotation_trick = rotation_trick
+        self.normalized = lookup_dim > 0
+        width = lookup_dim or dim  # of the codebook: the space codes are looked up in
         self.embedding: Tensor
         if mode == "loss":
             # The reference VQ-VAE's nn.Embedding initialisation, uniform(±1/K).
-            weight = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+            weight = torch.empty(codebook_size, width).uniform_(-1 / codebook_size, 1 / codebook_size)
             self.embedding = nn.Parameter(weight)
         else:
-            self.register_buffer("embedding", torch.randn(codebook_size, dim))
+            self.register_buffer("embedding", torch.randn(codebook_size, width))
             self.register_buffer("embed_sum", self.embedding.clone())
         # EMA of per-step usage: drives the EMA update and restarts (ema) and the dead-code statistic
         # (both modes). Starts at 1 so that embed_sum / cluster_size == embedding.
@@ -133,6 +142,24 @@ class VectorQuantizer(Quantizer):
         # resumed run neither re-initialises the codebook nor repeats a restart's random draws.
         self.register_buffer("initialized", torch.tensor(0 if kmeans_init else 1))
         self.register_buffer("step", torch.tensor(0))
+        if self.normalized:  # only then: without lookup_dim the module and its state dict are as before
+            self.project_in = nn.Linear(dim, lookup_dim)
+            self.project_out = nn.Linear(lookup_dim, dim)
+
+    # ----- the lookup space (factorised codes: projected and l2-normalised) ------------------------------
+    def _to_lookup(self, z: Tensor) -> Tensor:
+        return F.normalize(self.project_in(z), dim=-1) if self.normalized else z
+
+    def _from_lookup(self, v: Tensor) -> Tensor:
+        return self.project_out(v) if self.normalized else v
+
+    def codebook(self) -> Tensor:
+        """K code vectors in the lookup space (l2-normalised with ``lookup_dim``; on unit vectors the squared
+        distance is 2 - 2 cos, so the nearest code is the most cosine-similar one)."""
+        return F.normalize(self.embedding, dim=-1) if self.normalized else self.embedding
+
+    def _assign(self, v: Tensor) -> Tensor:
+        return squared_distances(v, self.codebook().float()).argmin(1)
 
     # ----- pure lookups (no state change, no communication) ----------------------------------------
     @torch.no_grad()
@@ -140,21 +167,22 @@ class VectorQuantizer(Quantizer):
         """Index of the nearest code for each row of the N×D ``z``."""
         # float32 also under autocast (encoding on GPU): bf16 distances can pick another code than training did.
         with torch.autocast(z.device.type, enabled=False):
-            return squared_distances(z.float(), self.embedding.float()).argmin(1)
+            return self._assign(self._to_lookup(z.float()))
 
     def indices_to_vectors(self, indices: Tensor) -> Tensor:
-        return self.embedding[indices]
+        return self._from_lookup(self.codebook()[indices])
 
     # ----- forward ---------------------------------------------------------------------------------
     def forward(self, z: Tensor) -> QuantizerOutput:
         # Distances and EMA statistics in float32 even under autocast: bf16 sums of thousands of
         # vectors would visibly drift the codebook.
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
+            z = self._to_lookup(z.float())
             if self.training and not bool(self.initialized):
                 self._data_init(z.detach())
-            indices = self.nearest(z)
-            codes = self.embedding[indices]
+            with torch.no_grad():
+                indices = self._assign(z)
+            codes = self.codebook()[indices]
             # Sum / max(n, 1): a batch emptied by damaged shards gives zero loss, not NaN.
             n = max(z.numel(), 1)
             commitment_loss = F.mse_loss(z, codes.detach(), reduction="sum") / n
@@ -166,7 +194,7 @@ class VectorQuantizer(Quantizer):
             restarted = torch.zeros((), device=z.device)
             if self.training:
                 counts, restarted = self._update(z.detach(), indices, counts)
-            quantized = z + (codes - z).detach()  # straight-through estimator
+            quantized = self._from_lookup(self._gradient_path(z, codes.detach()))
         stats = {
             "commitment_loss": commitment_loss.detach(),
             "codebook_loss": codebook_loss.detach(),
@@ -175,6 +203,18 @@ class VectorQuantizer(Quantizer):
             "restarted_codes": restarted,
         }
         return QuantizerOutput(quantized, indices, loss, stats)
+
+    def _gradient_path(self, z: Tensor, codes: Tensor) -> Tensor:
+        """The codes' values with a gradient to ``z``: copied (straight-through), or by the rotation trick
+        (vector-quantize-pytorch's ``rotate_to``: a pure function of its inputs, so it keeps this module's
+        determinism and distributed contract). Added as ``r - sg(r)`` so the forward value is the code itself,
+        bit for bit, as :meth:`indices_to_vectors` gives it."""
+        if not self.rotation_trick:
+            return z + (codes - z).detach()
+        from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to  # pulls in einx: only when used
+
+        rotated = rotate_to(z, codes)
+        return codes + (rotated - rotated.detach())
 
     # ----- training-mode state updates (collective under torch.distributed) ------------------------
     @torch.no_grad()
@@ -196,7 +236,7 @@ class VectorQuantizer(Quantizer):
     def _update(self, z: Tensor, indices: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """EMA step on the all-reduced statistics; returns (global counts, number of restarted codes)."""
         if self.mode == "ema":
-            sums = torch.zeros(self.codebook_size, self.dim, device=z.device).index_add_(0, indices, z)
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, z)
             stats = torch.cat([counts[:, None], sums], 1)  # one all-reduce for both
         else:
             stats = counts[:, None]
