@@ -7,8 +7,9 @@
   synthetic data set (real tar shards) with ``shards.pack.pack_synthetic``.
 * ``synth_shards``: one such data set per session (100 images at 32 px, 13 per shard so shard
   sizes are uneven), for tests that only read shards.
-* ``finished_run``: ONE tiny run through every stage by ``launch/pipeline.py`` per session, for the tests
-  that only read a finished run (read-only: a test that changes a run works on ``copy_run(...)``).
+* ``finished_run`` (gated PixelCNN prior) and ``finished_transformer_run``: ONE tiny run each through every
+  stage by ``launch/pipeline.py`` per session, for the tests that only read a finished run (read-only: a test
+  that changes a run works on ``copy_run(...)``).
 
 Tiers: tests marked ``slow`` (they start processes, train past a few steps, or use DDP) or ``slurm`` run in
 the full suite only; the rest are the fast tier (``scripts/test.sh --fast``). A fast-tier test that starts
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 from filelock import FileLock
-from helpers import FINISHED_RUN, FinishedRun, assert_ok, run_pipeline, tiny_config
+from helpers import FINISHED_RUN, TINY_TRANSFORMER, FinishedRun, assert_ok, run_pipeline, tiny_config
 
 from shards.config import DataConfig
 
@@ -141,24 +142,36 @@ def tiny_run(tmp_path: Path, tiny_data: Path) -> Callable[..., Any]:
     return make
 
 
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
-    """The tiny config plus FINISHED_RUN, taken through every stage by the pipeline once per session, and once
-    for all pytest-xdist workers of a session (they share the folder above their own, under a file lock)."""
+def _finished(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: list[str]) -> FinishedRun:
+    """The tiny config plus ``overrides``, taken through every stage by the pipeline once per session, and once for
+    all pytest-xdist workers of a session (they share the folder above their own, under a file lock)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    folder = root / "finished-run"
+    folder = root / name
     run_dir, record = folder / "run", folder / "pipeline.json"
-    with FileLock(str(root / "finished-run.lock")):
+    with FileLock(str(root / f"{name}.lock")):
         if record.is_file():
             result = subprocess.CompletedProcess(**json.loads(record.read_text()))
         else:
-            tiny_config(run_dir, *FINISHED_RUN)
+            tiny_config(run_dir, *overrides)
             result = assert_ok(run_pipeline(run_dir / "config.json"))
             record.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
                                           "stdout": result.stdout, "stderr": result.stderr}))
     return FinishedRun(run_dir, run_dir / "config.json", result)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """TINY + FINISHED_RUN (a gated PixelCNN prior) through every stage, once per session."""
+    return _finished(tmp_path_factory, "finished-run", FINISHED_RUN)
+
+
+@pytest.fixture(scope="session")
+def finished_transformer_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """TINY + TINY_TRANSFORMER (the transformer prior the improved and ham128 presets use) through every stage,
+    once per session."""
+    return _finished(tmp_path_factory, "finished-transformer-run", TINY_TRANSFORMER)
 
 
 @pytest.hookimpl(wrapper=True)

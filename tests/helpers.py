@@ -44,6 +44,9 @@ FINISHED_RUN = ["prior_train.max_steps=150", "prior_train.eval_every=50", "prior
 """Added to TINY for the session's one finished run (conftest ``finished_run``): a prior trained long enough
 to learn (tests compare its bits per code with uniform), samples in the data's class mix, every class drawn."""
 
+TINY_TRANSFORMER = ["prior.arch=transformer", "prior.d_model=16", "prior.heads=2", "prior.layers=1"]
+"""Added to TINY for the session's finished run with a transformer prior (conftest ``finished_transformer_run``)."""
+
 
 @dataclass(frozen=True)
 class FinishedRun:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import assert_ok, run_pipeline, tiny_config
+from helpers import FinishedRun, assert_ok, copy_run, run_pipeline
 from pydantic import BaseModel
 
 from prior.config import GatedPriorConfig, TransformerPriorConfig
@@ -127,13 +127,9 @@ def test_an_old_flat_prior_section_is_migrated(tmp_path: Path) -> None:
 
 # ----- a real run ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_setting_marked_as_changing_nothing_leaves_prior_sample_evaluate_up_to_date(tmp_path: Path,
-                                                                                      tiny_data: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run, "prior.arch=transformer", "prior.d_model=16", "prior.heads=2", "prior.layers=1")
-    assert_ok(run_pipeline(run / "config.json"))
+def test_a_setting_marked_as_changing_nothing_leaves_prior_sample_evaluate_up_to_date(
+        tmp_path: Path, finished_transformer_run: FinishedRun) -> None:
+    run = copy_run(finished_transformer_run.run_dir, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     config["prior_train"]["log_every"] = 3
     config["prior"]["filters"] = 96  # a PixelCNN-only setting in a saved transformer config (old flat layout)

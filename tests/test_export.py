@@ -1,7 +1,7 @@
-"""The export stage and the models it writes, on ONE tiny finished pipeline run per module (slow): the Hugging Face
-layout and model cards, loading in a fresh process after the run directory moved away (codes equal to the code
-shards', samples equal to the sample stage's), the docs/library.md example as written, and the plan's line for a
-prior made by an earlier manifest format."""
+"""The export stage and the models it writes, on the session's tiny finished run with a transformer prior (slow):
+the Hugging Face layout and model cards, loading in a fresh process after the run directory moved away (codes equal
+to the code shards', samples equal to the sample stage's), the README's Python example as written, and the plan's
+line for a prior made by an earlier manifest format."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_ok, copy_run, run_cli, run_pipeline, stage_env, tiny_config
+from helpers import REPO, FinishedRun, assert_ok, copy_run, run_cli, run_pipeline, stage_env
 
 from runtime.files import sha256_file
 from runtime.ownership import MARKER
@@ -26,14 +26,10 @@ STAGE_OF = {"tokenizer": "vqvae", "prior": "prior", "classifier": "classifier"}
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A finished tiny run (transformer prior) with its export, made once for the module; tests copy it to change it."""
-    run = tmp_path_factory.mktemp("export") / "run"
-    run.mkdir()
-    (run / "data").symlink_to(tiny_data, target_is_directory=True)
-    tiny_config(run, "prior.arch=transformer", "prior.d_model=16", "prior.heads=2", "prior.layers=1")
-    assert_ok(run_pipeline(run / "config.json"))
-    return run
+def finished(finished_transformer_run: FinishedRun) -> Path:
+    """The session's finished tiny run with a transformer prior, and its export (read-only: tests copy it to change
+    it)."""
+    return finished_transformer_run.run_dir
 
 
 def test_export_writes_the_hub_layout_with_model_cards(finished: Path) -> None:
@@ -113,8 +109,8 @@ def test_exported_models_load_in_a_fresh_process_after_the_run_moved(finished: P
     assert int(encoded) > 0 and int(sampled) > 0
 
 
-def test_the_library_example_runs_as_written(finished: Path, tmp_path: Path) -> None:
-    text = (REPO / "docs" / "library.md").read_text()
+def test_the_readme_python_example_runs_as_written(finished: Path, tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert len(block.strip().splitlines()) <= 12
     (tmp_path / "runs").mkdir()
