@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, TypeAdapter, model_validator
 
-from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, ClassBalance, Kinds, Seed, Strict
+from runtime.schema import MAX_ARRAY_TASKS, MAX_COUNT, ClassBalance, Kinds, Seed, Strict, added_setting
 
 
 def _odd(value: int) -> int:
@@ -34,7 +34,7 @@ class _Prior(Strict):
         "class weights of the training loss, from the codes' train class counts (as classifier.balance): "
         "inverse trains every class's conditional model equally; none = the data's own mix (the report's). On "
         "HAM10000 inverse made the conditional transformer worse at everything: bits/code, sample Fréchet "
-        "distance and class agreement (bench quality, README)"))
+        "distance and class agreement (bench quality, docs/results.md)"))
 
 
 class _PixelCNN(_Prior):
@@ -131,10 +131,15 @@ class SampleConfig(Strict):
     per_class: int = Field(4, gt=0, le=MAX_COUNT // 7, description=(
         "samples per class (class_mix=uniform), or on average over the classes (class_mix=data): "
         "per_class x classes samples in all"))
-    class_mix: Literal["uniform", "data"] = Field("uniform", description=(
+    class_mix: Literal["uniform", "data", "top_up"] = Field("uniform", description=(
         "uniform: per_class samples of every class; data: the classes in the train split's proportions, at "
         "least min_per_class of each class it holds (the model's own marginal, which a Fréchet distance "
-        "against real images measures; the evaluate stage weights samples to the real images' mix either way)"))
+        "against real images measures; the evaluate stage weights samples to the real images' mix either way); "
+        "top_up: top_up_to minus the train split's count of every class it holds, none where that is 0 or less "
+        "(a synthetic data set that evens out a class-imbalanced one; per_class is not used)"))
+    top_up_to: int = Field(0, ge=0, le=MAX_COUNT // 7, description=(
+        "class_mix=top_up: the number of train images (real + synthetic) every class is topped up to"),
+        json_schema_extra=added_setting(0))
     min_per_class: int = Field(1, ge=0, le=MAX_COUNT // 7, description=(
         "class_mix=data: samples of every class the train split holds, however rare (each class's agreement "
         "rate needs some)"))
@@ -155,4 +160,7 @@ class SampleConfig(Strict):
         if self.class_mix == "data" and self.min_per_class > self.per_class:
             raise ValueError(f"sample.min_per_class={self.min_per_class} exceeds sample.per_class={self.per_class} "
                              "(the average per class), so the total cannot hold it; allowed: 0..per_class")
+        if self.class_mix == "top_up" and self.top_up_to == 0:
+            raise ValueError("sample.class_mix=top_up needs sample.top_up_to > 0 (the count every class is topped "
+                             "up to)")
         return self

@@ -42,6 +42,8 @@ class Section:
     doc: str
     entries: list[Entry]
     kind: str | None = None
+    discriminator: str = "kind"
+    """The field that chooses the kind (``kind`` for the quantizer, ``arch`` for the VQ-VAE and the prior)."""
 
 
 STAGE = "<stage>"
@@ -121,9 +123,18 @@ def _default(field: FieldInfo) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def sections(model: type[BaseModel] = RunConfig, prefix: str = "", kind: str | None = None) -> Iterator[Section]:
-    """Every section of ``model``, depth first; nested models and each kind of a union are sections of their own.
-    Sibling fields of one model class (the cluster's per-stage resources) are one section keyed ``<stage>``."""
+def sections(model: type[BaseModel] = RunConfig) -> Iterator[Section]:
+    """Every section of ``model``, depth first, each once; nested models and each kind of a union are sections of
+    their own. Sibling fields of one model class (the cluster's per-stage resources) are one section keyed
+    ``<stage>``."""
+    seen: set[tuple[str, str | None]] = set()
+    for section in _sections(model, "", None, "kind"):
+        if (section.key, section.kind) not in seen:  # e.g. the quantizer, under each VQ-VAE arch
+            seen.add((section.key, section.kind))
+            yield section
+
+
+def _sections(model: type[BaseModel], prefix: str, kind: str | None, discriminator: str) -> Iterator[Section]:
     entries: list[Entry] = []
     nested: dict[tuple[Any, ...], list[str]] = {}
     for name, field in model.model_fields.items():
@@ -136,16 +147,16 @@ def sections(model: type[BaseModel] = RunConfig, prefix: str = "", kind: str | N
         allowed += [a for a in _constraints(field.metadata) if a not in allowed]
         entries.append(Entry(f"{prefix}{name}", type_text, _default(field), "; ".join(allowed),
                              field.description or ""))
-    yield Section(prefix.rstrip(".") or "(top level)", _doc(model), entries, kind)
+    yield Section(prefix.rstrip(".") or "(top level)", _doc(model), entries, kind, discriminator)
     for group, names in nested.items():
         members = [m for m in group if not isinstance(m, str)]
         key = f"{prefix}{names[0]}" if len(names) == 1 else f"{prefix}{STAGE}"
         for member in members:
-            kind_field = member.model_fields.get("kind") or member.model_fields.get("arch")
-            member_kind = _default(kind_field) if len(members) > 1 and kind_field else None
-            for section in sections(member, f"{key}.", member_kind):
+            field_name = next((f for f in ("kind", "arch") if f in member.model_fields), "kind")
+            member_kind = _default(member.model_fields[field_name]) if len(members) > 1 else None
+            for section in _sections(member, f"{key}.", member_kind, field_name):
                 doc = section.doc if len(names) == 1 else f"One for each of: {', '.join(names)}. {section.doc}"
-                yield Section(section.key, doc.strip(), section.entries, section.kind)
+                yield Section(section.key, doc.strip(), section.entries, section.kind, section.discriminator)
 
 
 def _doc(model: type[BaseModel]) -> str:
@@ -174,8 +185,7 @@ def _differences(section: Section, presets: dict[str, dict[str, Any]]) -> dict[s
     out: dict[str, dict[str, Any]] = {}
     for entry in section.entries:
         for name, values in presets.items():
-            if section.kind is not None and section.kind not in (values.get(f"{section.key}.kind"),
-                                                                  values.get(f"{section.key}.arch")):
+            if section.kind is not None and values.get(f"{section.key}.{section.discriminator}") != section.kind:
                 continue
             head, _, tail = entry.key.partition(STAGE)
             found = {k: v for k, v in values.items()
@@ -189,7 +199,7 @@ def _differences(section: Section, presets: dict[str, dict[str, Any]]) -> dict[s
 
 
 def _title(section: Section) -> str:
-    return f"`{section.key}`" + (f" (kind `{section.kind}`)" if section.kind else "")
+    return f"`{section.key}`" + (f" ({section.discriminator} `{section.kind}`)" if section.kind else "")
 
 
 def markdown() -> str:
@@ -202,8 +212,9 @@ def markdown() -> str:
         "`KEY=VALUE` overrides after any command (`vqvae_train.lr=0.0005`, `vqvae.channels=[32,64]`,",
         "`cluster.setup='[\"module load cuda\"]'`), on top of a preset (`--preset NAME`) or a saved config",
         "(`--config RUN_DIR/config.json`). Values are JSON (strings may go without quotes); `null` means none.",
-        "A section that is one of several kinds (e.g. `vqvae.quantizer`) is switched by its `kind`, which",
-        "resets the section to that kind's defaults before later overrides apply.",
+        "A section that is one of several kinds is switched by one key: `vqvae.quantizer.kind` resets the quantizer",
+        "to that kind's defaults; `vqvae.arch` and `prior.arch` keep the settings the kinds share and take the",
+        "preset's values for the new kind's own; later overrides then apply. A key of another kind is refused.",
         "",
         f"Presets: {', '.join(f'`{p}`' for p in PRESETS)}. The last column gives a preset's value where it",
         "differs from the default.",
@@ -231,7 +242,7 @@ def text(width: int = 100) -> str:
     for section in sections():
         if not section.entries:
             continue
-        out.append(f"[{section.key}]" + (f" kind={section.kind}" if section.kind else ""))
+        out.append(f"[{section.key}]" + (f" {section.discriminator}={section.kind}" if section.kind else ""))
         diffs = _differences(section, presets)
         for e in section.entries:
             head = f"  {e.key} = {_value(e.default)}  ({e.type}{'; ' + e.allowed if e.allowed else ''})"
