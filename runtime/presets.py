@@ -109,7 +109,8 @@ def _ham128() -> dict[str, Any]:
         # The data's own class mix in the loss (prior.balance=none): inverse class weights, once needed to draw
         # the rare classes at all, made the conditional-LayerNorm transformer worse at everything (bench
         # quality, 1,000 CPU prior steps: 2.73 vs 2.51 bits/code, sample Fréchet distance 1.09 vs 0.73, class
-        # agreement 0.22 vs 0.26). Guidance 3 raised class agreement to 0.32 for +0.05 Fréchet distance (docs/results.md).
+        # agreement 0.22 vs 0.26). Guidance 3 raised class agreement to 0.32 for +0.05 Fréchet distance
+        # (docs/results.md).
         "prior": {"arch": "transformer", "layers": 8, "d_model": 256, "heads": 8, "kv_heads": 1,
                   "label_dropout": 0.1, "conditional": True},
         OTHER_KINDS: {"prior": _PIXELCNNS_128},
@@ -118,7 +119,8 @@ def _ham128() -> dict[str, Any]:
                         "eval_every": 1000},
         # 10,000 x 32 prior steps are 41 passes over 7,784 training grids. Each training image also in its 7 other
         # exact rotations/mirrorings: on 957 HAM images, 27 passes of a 1 M-parameter transformer, the plain
-        # codes' validation bits/code stalled at 2.235 while 8 views reached 2.186 and were still falling (docs/results.md).
+        # codes' validation bits/code stalled at 2.235 while 8 views reached 2.186 and were still falling
+        # (docs/results.md).
         "encode": {"train_views": 8},
         # 700 samples in the data's class mix, at least 20 of each class: the Fréchet distance then compares the
         # model's marginal with the real images' unweighted (drawn 100 per class, it had to weight 11 DF
