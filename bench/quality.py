@@ -9,10 +9,11 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 * ``ham128``: ``--preset ham128`` (transformer prior);
 * ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior;
 * ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys);
-* with ``--variants ema adversarial``: ``ham128-ema`` and ``ham128-adversarial``, ``ham128`` with another
-  tokenizer (the EMA VQ with a 512-code codebook instead of FSQ; VQGAN's discriminator from half-way through
-  training), each with its own VQ-VAE trained for the same wall time, its own codes and transformer prior
-  (about 30 more minutes on 2 CPU cores).
+* with ``--variants ema adversarial cosine+rotation ...``: ``ham128-NAME``, ``ham128`` with another tokenizer
+  (:data:`VARIANTS`: the EMA VQ with a 512-code codebook instead of FSQ; VQGAN's discriminator from half-way through
+  training; factorised l2-normalised codes; the rotation trick; a cheap patch stem; ``A+B`` applies both), each
+  with its own VQ-VAE trained for the same wall time, its own codes and transformer prior (about 30 more minutes
+  per pair of variants on 2 CPU cores).
 
 **Equal VQ-VAE training time**: the VQ-VAEs' training steps are timed first, in turns (1 thread, each its own batch
 size; load that comes and goes then slows them alike), and each run trains for ``--minutes`` worth of its steps; the
@@ -23,7 +24,9 @@ the train split's class mix (``sample.class_mix=data``, at least ``sample.min_pe
 are shrunk to about 1 M parameters each and trained for ``--prior-steps`` (the same for every prior) so that the
 whole comparison takes about 80 minutes on 2 CPU cores. Prints one row per metric (bench, name, value, unit,
 baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and image grids in ``ROOT/grids/``
-(real validation images above their seed and ham128 reconstructions; samples per class).
+(real validation images above their seed and ham128 reconstructions; samples per class). Each tokenizer's code
+usage (fraction of the codebook) and perplexity are measured on the encoded validation and test splits, and
+each run's VQ-VAE steps per second of its training stage's wall time.
 
 **Held out**: every run is also judged (``python -m judge.evaluate --images``) on the original files of the
 packed *test* split, lesions that no run trained on and no setting was chosen by (``ROOT/held-out/`` links to
@@ -76,8 +79,41 @@ def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -
             f"sample.min_per_class={min(ham.sample.min_per_class, args.per_class)}"]
 
 
-VARIANTS = {"ema": ("vqvae.quantizer.kind=ema",), "adversarial": ("vqvae_train.adversarial.enabled=true",)}
-"""``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time."""
+VARIANTS = {
+    "ema": ("vqvae.quantizer.kind=ema",),
+    "adversarial": ("vqvae_train.adversarial.enabled=true",),
+    # Factorised codes as LlamaGen/ViT-VQGAN use them (8 dims, l2-normalised, cosine lookup), with EMA updates.
+    "cosine": ("vqvae.quantizer.kind=ema", "vqvae.quantizer.lookup_dim=8"),
+    "rotation": ("vqvae.quantizer.kind=ema", "vqvae.quantizer.rotation_trick=true"),
+    # Nothing at 128 or 64 px: 4x4 patches in, capacity where the image is 32 px and smaller (0.60 GMAC per
+    # image against ham128's 0.94; on CPU about 2x fewer seconds per step, the full-resolution layers' memory
+    # traffic being what MACs leave out).
+    "patch": ("vqvae.patch_size=4", "vqvae.channels=[128]", "vqvae.res_blocks=2"),
+}
+"""``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time; ``A+B`` is a variant
+with the overrides of both (a later kind setting of the same kind keeps the earlier settings)."""
+
+
+def variant_overrides(name: str) -> tuple[str, ...]:
+    """The overrides of variant ``name`` (one of :data:`VARIANTS`, or several joined by ``+``)."""
+    return tuple(item for part in name.split("+") for item in VARIANTS[part])
+
+
+def _variant(name: str) -> str:
+    """``name`` checked as a ``--variants`` value (argparse turns the ValueError into one usage line, exit 2)."""
+    unknown = [part for part in name.split("+") if part not in VARIANTS]
+    if unknown or len(set(name.split("+"))) != len(name.split("+")):
+        raise argparse.ArgumentTypeError(f"unknown or repeated variant in {name!r}; allowed: "
+                                         f"{', '.join(VARIANTS)}, or several joined by + (e.g. cosine+rotation)")
+    return name
+
+
+def _is_variant(run: str) -> bool:
+    return run.startswith("ham128-") and all(part in VARIANTS for part in run.removeprefix("ham128-").split("+"))
+
+
+def _adversarial(run: str) -> bool:
+    return _is_variant(run) and "adversarial" in run.removeprefix("ham128-").split("+")
 
 
 def _training_step(cfg: RunConfig, critic: bool) -> Callable[[], None]:
@@ -128,7 +164,7 @@ def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
             "ham128": ("ham128", [*judge, *small, *SMALL_TRANSFORMER]),
             "ham128-gated": ("ham128", [*judge, *small, *SMALL_GATED, plain]),
             "ham128-unguided": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, plain]),
-            **{f"ham128-{name}": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, *VARIANTS[name]])
+            **{f"ham128-{name}": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, *variant_overrides(name)])
                for name in args.variants}}
 
 
@@ -174,14 +210,17 @@ def _prior_bits(run_dir: Path) -> float:
     return float(values[-1])
 
 
-def _codes_used(run_dir: Path, codebook_size: int) -> float:
-    """Fraction of the codebook used by the encoded validation split."""
+def code_usage(run_dir: Path, codebook_size: int, split: str) -> dict[str, float]:
+    """Fraction of the codebook used by the encoded ``split`` (``codes_used``) and the perplexity of its code
+    histogram (``perplexity``: K when all K codes are used evenly)."""
     from shards.codes import make_code_eval_loader
+    from vqvae.metrics import codebook_usage
 
-    seen = torch.zeros(codebook_size, dtype=torch.bool)
-    for batch in make_code_eval_loader(run_dir / "codes" / "val", batch_size=256):
-        seen[batch["codes"].flatten()] = True
-    return float(seen.float().mean())
+    counts = torch.zeros(codebook_size, dtype=torch.float64)
+    for batch in make_code_eval_loader(run_dir / "codes" / split, batch_size=256):
+        counts += torch.bincount(batch["codes"].flatten(), minlength=codebook_size).double()
+    usage = codebook_usage(counts)
+    return {"codes_used": usage["code_usage"], "perplexity": usage["perplexity"]}
 
 
 def _measure(root: Path, name: str) -> dict[str, float]:
@@ -192,24 +231,26 @@ def _measure(root: Path, name: str) -> dict[str, float]:
     run_dir = root / name
     cfg = load_config(run_dir / "config.json")
     evaluation = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["metrics"]
-    return {"vqvae_steps": cfg.vqvae_train.max_steps,
-            # A linked VQ-VAE (ham128-gated) was timed in the run that trained it.
-            "vqvae_train_s": stage_timings(RunLayout((run_dir / "vqvae").resolve().parent)).get("vqvae", float("nan")),
+    # A linked VQ-VAE (ham128-gated) was timed in the run that trained it.
+    train_s = stage_timings(RunLayout((run_dir / "vqvae").resolve().parent)).get("vqvae", float("nan"))
+    return {"vqvae_steps": cfg.vqvae_train.max_steps, "vqvae_train_s": train_s,
+            "vqvae_steps_per_s": cfg.vqvae_train.max_steps / train_s,
             "codes_per_image": cfg.data.image_size ** 2 // cfg.downsample_factor ** 2 * (
                 (cfg.vqvae.channels[-1] // cfg.vqvae.code_dim) if cfg.vqvae.arch == "seed" else 1),
-            "codes_used": _codes_used(run_dir, cfg.vqvae.codebook_size),
+            **code_usage(run_dir, cfg.vqvae.codebook_size, "val"),
             "bits_per_code": _prior_bits(run_dir),
             **{k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float))}}
 
 
 _METRICS = (  # key, unit, the run it is compared with (None: the seed run)
     ("recon_psnr", "dB", None), ("recon_ssim", "", None), ("fd_reconstructions", "FD", None),
-    ("codes_used", "fraction of K", None), ("codes_per_image", "codes", None), ("bits_per_code", "bits", None),
+    ("codes_used", "fraction of K", None), ("perplexity", "codes", None), ("codes_per_image", "codes", None),
+    ("bits_per_code", "bits", None),
     ("fd_samples", "FD", "ham128-gated"), ("sample_class_agreement", "rate (chance 0.143)", None),
     ("classifier_val_accuracy", "rate", None), ("classifier_val_balanced_accuracy", "rate", None),
     ("fd_real_train_floor", "FD", None), ("fd_samples_floor", "FD", None),
     ("classifier_recon_balanced_accuracy", "rate", None),
-    ("vqvae_steps", "steps", None), ("vqvae_train_s", "s", None),
+    ("vqvae_steps", "steps", None), ("vqvae_train_s", "s", None), ("vqvae_steps_per_s", "steps/s", None),
 )
 
 
@@ -252,7 +293,7 @@ def _verdicts(results: dict[str, dict[str, float]]) -> list[str]:
             *(f"{name}: {r['recon_psnr']:.2f} dB PSNR, recon FD {r['fd_reconstructions']:.3f}, sample FD "
               f"{r['fd_samples']:.3f} (a perfect prior's {r['fd_samples_floor']:.3f}), class agreement "
               f"{r['sample_class_agreement']:.3f}, in {r['vqvae_steps']:.0f} VQ-VAE steps"
-              for name, r in results.items() if name.removeprefix("ham128-") in VARIANTS)]
+              for name, r in results.items() if _is_variant(name))]
 
 
 def _grids(root: Path, variants: list[str], count: int = 8) -> None:
@@ -307,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier-steps", type=int, default=4000)
     parser.add_argument("--per-class", type=int, default=100,
                         help="samples per class on average (ham128's sample.per_class; drawn in the data's class mix)")
-    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[],
-                        help="also ham128 with these tokenizers, at the same VQ-VAE wall time")
+    parser.add_argument("--variants", nargs="*", type=_variant, default=[],
+                        help=f"also ham128 with these tokenizers, at the same VQ-VAE wall time: {', '.join(VARIANTS)}, "
+                             "or several joined by + (e.g. cosine+rotation)")
     parser.add_argument("--measure-only", action="store_true",
                         help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
@@ -334,12 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}
     timed = ("seed", "ham128", *(f"ham128-{v}" for v in args.variants))
     steps = {name: _training_step(configs[name], critic=False) for name in timed}
-    if "adversarial" in args.variants:
-        steps["critic"] = _training_step(configs["ham128-adversarial"], critic=True)
+    steps |= {f"{name} critic": _training_step(configs[name], critic=True) for name in timed if _adversarial(name)}
     step = _step_seconds(steps)
-    print("VQ-VAE step seconds (1 thread): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()), flush=True)
+    print("VQ-VAE seconds per step (1 thread): " + ", ".join(f"{k} {v:.3f} ({1 / v:.2f} steps/s)"
+                                                             for k, v in step.items()), flush=True)
     vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name in step else "ham128"],
-                                 step["critic"] if name == "ham128-adversarial" else None)
+                                 step.get(f"{name} critic"))
           for name in runs}
 
     # One packed data set and one judge for every run, made first with all cores (their data and classifier
@@ -406,7 +448,10 @@ def _held_out_images(root: Path, images: Path) -> Path:
 
 
 def _judge_held_out(root: Path, names: list[str], images: Path, csv: Path) -> dict[str, dict[str, float]]:
-    """Each run judged on the test split's originals by ``judge.evaluate --images``: its metrics by name."""
+    """Each run judged on the test split's originals by ``judge.evaluate --images``: its metrics by name, with the
+    code usage of its encoded test split."""
+    from runtime.config import load_config
+
     folder = _held_out_images(root, images)
     results = {}
     for name in names:
@@ -417,13 +462,35 @@ def _judge_held_out(root: Path, names: list[str], images: Path, csv: Path) -> di
         if done.returncode != 0:
             sys.exit(f"error: judging {root / name} on the held-out images failed (exit {done.returncode})")
         judged = json.loads(out.read_text())
+        codebook_size = load_config(root / name / "config.json").vqvae.codebook_size
         results[name] = {"images_judged": float(judged["images_judged"]),
-                         **{k: float(v) for k, v in judged["metrics"].items() if isinstance(v, (int, float))}}
+                         **{k: float(v) for k, v in judged["metrics"].items() if isinstance(v, (int, float))},
+                         **code_usage(root / name, codebook_size, "test")}  # the test split's codes
     return results
 
 
-_HELD_OUT = ("recon_psnr", "fd_reconstructions", "fd_samples", "fd_samples_floor", "classifier_balanced_accuracy")
+_HELD_OUT = ("recon_psnr", "fd_reconstructions", "codes_used", "perplexity", "fd_samples", "fd_samples_floor",
+             "classifier_balanced_accuracy")
 """Rows of the held-out judgement: what does not depend on the validation split only."""
+
+
+def tokenizer_verdicts(held: dict[str, dict[str, float]]) -> list[str]:
+    """Issue 30's targets for each tokenizer (``ham128`` and the variants) against ``seed`` on the held-out
+    images: >= +1.5 dB PSNR, <= 0.7x the reconstruction Fréchet distance, >= 95 % of the codes used, and a
+    perfect prior's sample Fréchet distance (``fd_samples_floor``) no higher than seed's."""
+    seed = held["seed"]
+    lines = []
+    for name, r in held.items():
+        if name != "ham128" and not _is_variant(name):
+            continue
+        gain, ratio = r["recon_psnr"] - seed["recon_psnr"], r["fd_reconstructions"] / seed["fd_reconstructions"]
+        met = (gain >= 1.5 and ratio <= 0.7 and r["codes_used"] >= 0.95
+               and r["fd_samples_floor"] <= seed["fd_samples_floor"])
+        lines.append(f"tokenizer {name} (held out): {gain:+.2f} dB PSNR, recon FD x{ratio:.2f}, {r['codes_used']:.0%} "
+                     f"of codes used (perplexity {r['perplexity']:.0f}), floor {r['fd_samples_floor']:.3f} vs seed's "
+                     f"{seed['fd_samples_floor']:.3f} (targets >= +1.5 dB, <= 0.7x, >= 95 %, floor <= seed's): "
+                     f"{'MET' if met else 'MISSED'}")
+    return lines
 
 
 def _held_out_verdict(held: dict[str, dict[str, float]]) -> str:
@@ -446,8 +513,8 @@ def _report(root: Path, names: list[str], reevaluate: bool, images: Path, csv: P
             sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
     results = {name: _measure(root, name) for name in names}
     held = _judge_held_out(root, names, images, csv)
-    _grids(root, [name for name in names if name.removeprefix("ham128-") in VARIANTS])
+    _grids(root, [name for name in names if _is_variant(name)])
     md, js = write_results([*_rows(results), *_rows(held, "held out: ", _HELD_OUT)], root, quick=False)
     print(md.read_text())
-    print("\n".join([*_verdicts(results), _held_out_verdict(held)]))
+    print("\n".join([*_verdicts(results), _held_out_verdict(held), *tokenizer_verdicts(held)]))
     print(f"written: {md}, {js} and {root / 'grids'}/*.png")
