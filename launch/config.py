@@ -69,6 +69,7 @@ class ClusterConfig(Strict):
     sample: SlurmResources = _resources("sample")  # type: ignore[assignment]
     classifier: SlurmResources = _resources("classifier")  # type: ignore[assignment]
     evaluate: SlurmResources = _resources("evaluate")  # type: ignore[assignment]
+    augment: SlurmResources = _resources("augment")  # type: ignore[assignment]
     export: SlurmResources = _resources("export")  # type: ignore[assignment]
     report: SlurmResources = _resources("report")  # type: ignore[assignment]
 

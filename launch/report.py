@@ -25,6 +25,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from judge.comparison import comparison_tables
 from launch.plan import stage_timings
 from runtime.cli import run_cli
 from runtime.config import CLASSES, ConfigError, RunConfig, add_config_args, config_from_args
@@ -161,6 +162,20 @@ def _evaluation_section(metrics: dict[str, Any]) -> str:
             + _table(list(per_class), [[f"{v:.2f}" for v in per_class.values()]]))
 
 
+def _augment_section(cfg: RunConfig) -> str:
+    """The augment stage's comparison (judge/augment.py): arms, per-class scores, paired differences."""
+    found = _manifest(cfg, "augment")
+    if found is None:
+        return "<p>not available yet (the augment stage has not completed)</p>"
+    added = ", ".join(f"{c} {n}" for c, n in found["synthetic_added"].items() if n) or "none"
+    intro = (f"<p>fresh classifiers of the judge's recipe, {len(found['seeds'])} seeds x {found['steps']} steps "
+             f"each, judged on the {found['test_images']} real test images; synthetic images added: {added}; "
+             f"cost {found['cost']['total_seconds'] / 60:.1f} min. Differences: mean over seeds, paired by seed, "
+             f"with {found['differences']['synthetic - real']['macro_f1']['confidence']:.0%} bootstrap "
+             "intervals.</p>")
+    return intro + "".join(_table(headers, rows) for headers, rows in comparison_tables(found))
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -242,6 +257,7 @@ completed stages: {html.escape(', '.join(done) or 'none')}</p>
 <h2>Samples</h2>{_img(sample_png, 'class-conditional samples, one row per class: ' + ', '.join(CLASSES),
                       width=400)}
 <h2>Evaluation</h2>{_evaluation_section(metrics)}
+<h2>Do synthetic lesions help a classifier?</h2>{_augment_section(cfg)}
 <h2>Final validation metrics</h2>{_table(['stage', 'metric', 'value'], final_rows)}
 <h2>Timings</h2>{_table(['stage', 'wall seconds'], [[k, f'{v:.1f}'] for k, v in metrics['timings_s'].items()])}
 <h2>Versions</h2>{_table(['package', 'version'], versions)}

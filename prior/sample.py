@@ -6,7 +6,8 @@
 classes in the train split's proportions) are split over ``N`` tasks (a Slurm array); task ``I`` draws the
 samples with index ``j % N == I`` using its own seed, writes ``samples/shard-I.tar`` (png, codes.npy, cls,
 json per sample) and a done-marker. The task that completes the set writes ``samples.png`` (one row per
-class, its name on the left) and ``manifest.json``.
+class, its name on the left), the samples as a labelled data set (``dataset/``: PNGs + a HAM10000-layout CSV,
+prior/dataset.py) and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import webdataset as wds
 from PIL import Image
 
 from prior.api import Generator, prior_config
+from prior.dataset import FOLDER as DATASET_FOLDER
+from prior.dataset import write_dataset
 from prior.models import build_prior
 from runtime.array_task import completed_set, is_done, mark_done, task_slots
-from runtime.balance import class_allocation, train_class_counts
+from runtime.balance import class_allocation, top_up_allocation, train_class_counts
 from runtime.checkpoint import load_weights
 from runtime.cli import run_cli, stage_parser
 from runtime.config import CLASSES, ConfigError, RunConfig, config_from_args
+from runtime.errors import UserError
 from runtime.files import atomic_path
 from runtime.images import save_grid
 from runtime.integrity import stage_weights
-from runtime.lineage import StageRun, begin_stage
+from runtime.lineage import StageRun, begin_stage, token
 from runtime.log import get_logger
 from runtime.seeding import torch_generator
 from runtime.stages import MANIFEST, RunLayout, shard_name
@@ -58,10 +62,17 @@ def load_generator(cfg: RunConfig, run: StageRun, device: torch.device) -> Gener
 
 def sample_classes(cfg: RunConfig, run: StageRun) -> list[int]:
     """The class of every sample index, in index order (class 0's samples first)."""
+    where = RunLayout.of(cfg).stage_dir("encode") / MANIFEST
     if cfg.sample.class_mix == "uniform":
         allocation = [cfg.sample.per_class] * len(CLASSES)
+    elif cfg.sample.class_mix == "top_up":  # the codes hold every train image in encode.train_views views
+        images = {c: n // cfg.encode.train_views if isinstance(n, int) else n
+                  for c, n in train_class_counts(run.manifests["encode"], where).items()}
+        allocation = top_up_allocation(images, cfg.sample.top_up_to, where)
+        if not sum(allocation):
+            raise UserError(f"sample.class_mix=top_up: every class already has sample.top_up_to="
+                            f"{cfg.sample.top_up_to} train images or more; nothing to draw. Raise sample.top_up_to")
     else:
-        where = RunLayout.of(cfg).stage_dir("encode") / MANIFEST
         allocation = class_allocation(train_class_counts(run.manifests["encode"], where),
                                       cfg.sample.per_class * len(CLASSES), cfg.sample.min_per_class, where)
     return [c for c, n in enumerate(allocation) for _ in range(n)]
@@ -124,7 +135,12 @@ def finalize(cfg: RunConfig, run: StageRun, count: int) -> bool:
     images = torch.stack([by_index[first[c] + i] for c in drawn for i in range(width)])
     grid_path = save_grid(images, run.out_dir / "samples.png", nrow=width, row_labels=[CLASSES[c] for c in drawn])
     total_seconds = sum(m["seconds"] for m in markers)
-    run.finish([m["sha256"] for m in markers], {
+    s = cfg.sample
+    dataset = write_dataset(run.out_dir / DATASET_FOLDER, outputs, run.identity, {
+        "num_tasks": count, "seed": s.seed, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+        "guidance_scale": s.guidance_scale, "prior": token(run.manifests["prior"]),
+        "tokenizer": token(run.manifests["vqvae"])})
+    run.finish([m["sha256"] for m in markers], {"dataset": dataset,
         "classes": list(CLASSES), "per_class": cfg.sample.per_class, "class_mix": cfg.sample.class_mix,
         "class_counts": {CLASSES[c]: counts[c] for c in range(len(CLASSES))}, "num_samples": len(by_index),
         "temperature": cfg.sample.temperature, "grid_png": grid_path.name, "shards": markers,

@@ -72,3 +72,10 @@ def class_allocation(counts: dict[str, Any], total: int, minimum: int, where: Pa
     for i in by_remainder[:total - sum(out)]:
         out[i] += 1
     return out
+
+
+def top_up_allocation(counts: dict[str, Any], target: int, where: Path) -> list[int]:
+    """How many samples each class (CLASSES order) gets so that its train count plus them reaches ``target``:
+    ``target - count`` for every class with train samples below it, 0 for the rest (and for absent classes,
+    which a class-conditional prior never learned)."""
+    return [max(0, target - c) if c > 0 else 0 for c in _counts(counts, where)]

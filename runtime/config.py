@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from judge.config import ClassifierConfig, EvaluateConfig
+from judge.config import AugmentConfig, ClassifierConfig, EvaluateConfig
 from launch.config import ClusterConfig
 from prior.config import GatedPriorConfig, PriorConfig, SampleConfig, TransformerPriorConfig
 from runtime.errors import ConfigError
@@ -64,6 +64,8 @@ class RunConfig(Strict):
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig, description="the judge's classifier")
     classifier_train: OptimConfig = Field(default_factory=OptimConfig, description="training of the judge")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="the evaluate stage")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description=(
+        "the augment stage: do synthetic lesions help a classifier"))
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Slurm submission")
 
     @model_validator(mode="after")

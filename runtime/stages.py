@@ -67,14 +67,18 @@ STAGES: tuple[Stage, ...] = (
           "lesion-vq/prior/v3", format_change="a prior's identity now hashes only its own arch's settings (v2 hashed "
           "every arch's: a transformer's identity held PixelCNN-only settings), so earlier priors are re-made once"),
     Stage("sample", "samples", "prior.sample", "array", ("sample",), ("prior", "vqvae", "encode"), "sample",
-          "lesion-vq/sample-shards/v2", array_size="sample.num_tasks"),
+          "lesion-vq/sample-shards/v3", array_size="sample.num_tasks",
+          format_change="the sample stage now also writes its samples as a labelled data set (samples/dataset/: "
+          "PNG files and a HAM10000-layout CSV), which the augment stage reads"),
     Stage("classifier", "classifier", "judge.train", "training", ("classifier", "classifier_train"), ("data",),
           "classifier", "lesion-vq/classifier/v1"),
     Stage("evaluate", "evaluate", "judge.evaluate", "single", ("evaluate",), ("classifier", "vqvae", "sample", "data"),
           "evaluate", "lesion-vq/evaluation/v3"),
+    Stage("augment", "augment", "judge.augment", "single", ("augment", "classifier", "classifier_train"),
+          ("data", "sample"), "augment", "lesion-vq/augment/v1"),
     Stage("export", "export", "launch.export", "single", (), ("data", "vqvae", "prior", "classifier", "evaluate"),
           "export", "lesion-vq/export/v1"),
-    Stage("report", "report", "launch.report", "single", (), ("evaluate",), "report", "lesion-vq/report/v1",
+    Stage("report", "report", "launch.report", "single", (), ("evaluate", "augment"), "report", "lesion-vq/report/v1",
           always_rerun=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -247,19 +247,24 @@ def _loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 2,
                       generator=torch.Generator().manual_seed(stream.seed))
 
 
-def _stream(split_dir: Path, decode: SampleDecoder, batch_size: int,
+def _stream(split_dir: Path | tuple[Path, ...], decode: SampleDecoder, batch_size: int,
             collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None, **options: Any) -> ShardStream:
-    """A stream over the split's shards, its decoder bound to what the split's (checked) manifest declares."""
-    manifest = split_manifest(split_dir)
-    decode = decode.for_split(Path(split_dir), manifest)
-    return ShardStream(shard_paths(split_dir), [s["offsets"] for s in manifest["shards"]], batch_size, decode,
+    """A stream over the split's shards (or those of several splits read as one), its decoder bound to what the
+    splits' (checked) manifests declare: each must declare the same (the first one's image size)."""
+    splits = (Path(split_dir),) if isinstance(split_dir, (str, Path)) else tuple(Path(s) for s in split_dir)
+    manifests = [split_manifest(s) for s in splits]
+    decode = decode.for_split(splits[0], manifests[0])
+    for split, manifest in zip(splits[1:], manifests[1:], strict=True):
+        decode.for_split(split, manifest)  # refuses another image size
+    return ShardStream([p for s in splits for p in shard_paths(s)],
+                       [sh["offsets"] for m in manifests for sh in m["shards"]], batch_size, decode,
                        collate_fn or partial(collate, empty=decode.empty()), **options)
 
 
-def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
-                      position: int = 0, epochs: int | None = 1, num_workers: int = 0, prefetch_factor: int = 2,
-                      augment: bool = True, image_size: int | None = None, shuffle_buffer: int = 256,
-                      decode: SampleDecoder | None = None,
+def make_train_loader(split_dir: Path | tuple[Path, ...], *, batch_size: int, rank: int, world_size: int, epoch: int,
+                      seed: int, position: int = 0, epochs: int | None = 1, num_workers: int = 0,
+                      prefetch_factor: int = 2, augment: bool = True, image_size: int | None = None,
+                      shuffle_buffer: int = 256, decode: SampleDecoder | None = None,
                       collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
                       pin_memory: bool | None = None) -> DataLoader:
     """This rank's batches from ``position`` (samples of ``epoch`` already consumed by all ranks) on, for
@@ -268,7 +273,8 @@ def make_train_loader(split_dir: Path, *, batch_size: int, rank: int, world_size
     Every rank gets the same number of batches, whatever the world size the position was reached with.
     ``image_size`` (default: the split's) must be the size the split was packed at. ``decode``/``collate_fn``
     replace the image decoding for other sample kinds (e.g. code shards); the distribution is the same.
-    ``pin_memory`` (default: where CUDA is) pins the batches for asynchronous copies to a GPU.
+    ``pin_memory`` (default: where CUDA is) pins the batches for asynchronous copies to a GPU. Several split
+    folders are read as one split (their shards in the order given).
     """
     stream = _stream(split_dir, decode or ImageDecoder(image_size or 0, augment, seed), batch_size, collate_fn,
                      rank=rank, world_size=world_size, epoch=epoch, position=position, epochs=epochs, seed=seed,
@@ -295,18 +301,20 @@ class ShardTrainData:
     val_split: Path
     optim: OptimConfig
     decode: SampleDecoder | None = None
+    more_train: tuple[Path, ...] = ()
+    """Further split folders trained on with ``train_split`` as one split (the augment stage's synthetic images)."""
 
     @property
     def num_samples(self) -> int:
-        return int(read_manifest(self.train_split)["num_samples"])
+        return sum(int(read_manifest(s)["num_samples"]) for s in (self.train_split, *self.more_train))
 
     def steps_per_epoch(self, world_size: int) -> int:
         return steps_per_epoch(self.num_samples, self.optim.batch_size, world_size)
 
     def loader(self, *, epoch: int, position: int, rank: int, world_size: int) -> DataLoader:
         o = self.optim
-        return make_train_loader(self.train_split, batch_size=o.batch_size, rank=rank, world_size=world_size,
-                                 epoch=epoch, seed=o.seed, position=position, epochs=None,
+        return make_train_loader((self.train_split, *self.more_train), batch_size=o.batch_size, rank=rank,
+                                 world_size=world_size, epoch=epoch, seed=o.seed, position=position, epochs=None,
                                  num_workers=o.num_workers, prefetch_factor=o.prefetch_factor, augment=o.augment,
                                  shuffle_buffer=o.shuffle_buffer, pin_memory=o.gpu_path_on(self._device_type),
                                  decode=self.decode or ImageDecoder(augment=o.augment, seed=o.seed,
@@ -345,7 +353,7 @@ class ShardTrainData:
             raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
                               "with enough images that the val split gets at least one (e.g. data.num_images)")
         facts = self._declared_facts()
-        problems = verify_shards(self.train_split) + verify_shards(val)
+        problems = [p for split in (self.train_split, *self.more_train, val) for p in verify_shards(split)]
         if problems:
             raise ManifestError(
                 f"{self.train_split.parent}: {len(problems)} shard(s) do not match their manifest, refusing to "
