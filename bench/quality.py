@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from bench.common import Row, write_results
-from runtime.config import CLASSES, RunConfig, build_config
+from runtime.config import CLASSES, ConfigError, RunConfig, build_config
 from runtime.files import open_in_place
 from runtime.launcher import REPO_ROOT
 
@@ -166,6 +166,11 @@ def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
             "ham128-unguided": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, plain]),
             **{f"ham128-{name}": ("ham128", [*judge, *small, *SMALL_TRANSFORMER, *variant_overrides(name)])
                for name in args.variants}}
+
+
+def with_overrides(runs: dict[str, tuple[str, list[str]]], extra: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """Every run with ``extra`` overrides (``--set``) after its own."""
+    return {name: (preset, [*overrides, *extra]) for name, (preset, overrides) in runs.items()}
 
 
 def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float, adversarial_step: float | None = None) -> list[str]:
@@ -351,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", type=_variant, default=[],
                         help=f"also ham128 with these tokenizers, at the same VQ-VAE wall time: {', '.join(VARIANTS)}, "
                              "or several joined by + (e.g. cosine+rotation)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, after the comparison's own (e.g. encode.train_views=1: a "
+                             "shorter run on a busy machine, each prior then trains on one view per image)")
     parser.add_argument("--measure-only", action="store_true",
                         help="train nothing: re-run the evaluate stage of the runs already under --root and report")
     args = parser.parse_args(argv)
@@ -369,8 +377,14 @@ def main(argv: list[str] | None = None) -> None:
         _report(args.root.resolve(), names, reevaluate=True, images=args.images, csv=args.csv)
         return
     root = args.root.resolve()
+    runs = with_overrides(_run_configs(args), args.set)
+    for preset, overrides in runs.values():  # a bad --set is one line (exit 2) before anything is made
+        try:
+            build_config(preset, overrides)
+        except ConfigError as err:
+            print(f"error: --set: {err}", file=sys.stderr)
+            sys.exit(2)
     root.mkdir(parents=True, exist_ok=True)
-    runs = _run_configs(args)
 
     torch.set_num_threads(1)
     configs = {name: build_config(preset, [*over, f"run_dir={root / name}"]) for name, (preset, over) in runs.items()}

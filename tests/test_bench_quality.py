@@ -21,6 +21,7 @@ from bench.quality import (
     code_usage,
     main,
     tokenizer_verdicts,
+    with_overrides,
 )
 from runtime.config import build_config
 
@@ -99,3 +100,17 @@ def test_tokenizer_verdicts_follow_issue_30() -> None:
         lines["ham128-cosine"]
     for name in ("ham128", "ham128-patch", "ham128-rotation", "ham128-cosine+patch"):
         assert lines[name].endswith("MISSED"), lines[name]
+
+
+def test_set_overrides_reach_every_run_and_a_bad_one_is_one_line(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    runs = with_overrides(_run_configs(_args(["cosine"])), ["encode.train_views=1"])
+    assert all(build_config(*run).encode.train_views == 1 for run in runs.values())
+    (tmp_path / "images").mkdir()
+    (tmp_path / "meta.csv").write_text("lesion_id,image_id,dx\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--root", str(tmp_path / "root"), "--images", str(tmp_path / "images"), "--csv",
+              str(tmp_path / "meta.csv"), "--set", "encode.train_views=3"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "\n" not in err and err.startswith("error: --set: ") and "train_views" in err
+    assert not (tmp_path / "root").exists()  # refused before anything was made
