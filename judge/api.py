@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from judge.classifier import LesionClassifier, build_classifier
+from judge.classifier import build_classifier
 from judge.config import ClassifierConfig
 from runtime.pretrained import Pretrained, PretrainedError, load_verified
 from shards.config import CLASSES
@@ -32,12 +32,6 @@ class Classifier(Pretrained):
 
     model_type: ClassVar[str] = MODEL_TYPE
     places: ClassVar[tuple[str, ...]] = ("classifier/final", "export/classifier", "classifier")
-
-    def __init__(self, model: LesionClassifier, config: dict[str, Any], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.config = config
-        self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Classifier:

@@ -24,7 +24,7 @@ from prior.config import PriorConfig, SampleConfig, parse_prior_config
 from prior.models import build_prior
 from runtime.pretrained import Pretrained, PretrainedError, find_model, load_verified, read_model_config
 from shards.config import CLASSES
-from vqvae.api import Tokenizer
+from vqvae.api import CodeGrids, Tokenizer
 
 MODEL_TYPE = "lesion-vq-prior"
 
@@ -69,7 +69,7 @@ def class_indices(classes: ClassChoice | Sequence[ClassChoice]) -> list[int]:
     return out
 
 
-class Generator(Pretrained):
+class Generator(CodeGrids, Pretrained):
     """A prior over code grids and the tokenizer that decodes them."""
 
     model_type: ClassVar[str] = MODEL_TYPE
@@ -77,10 +77,8 @@ class Generator(Pretrained):
 
     def __init__(self, model: AutoregressivePrior, tokenizer: Tokenizer, config: dict[str, Any],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
+        super().__init__(model, config, device, dtype)
         self.tokenizer = tokenizer
-        self.config = config
-        self.device = torch.device(device)
         self.settings = parse_prior_config(config["prior"])
         if (tokenizer.codebook_size, tokenizer.grid) != (self.codebook_size, self.grid):
             raise PretrainedError(f"the prior draws {self.grid[0]}x{self.grid[1]} grids of {self.codebook_size} "
@@ -99,17 +97,6 @@ class Generator(Pretrained):
         load_verified(model, folder, config)
         tokenizer = tokenizer or _tokenizer_beside(folder, config, device, dtype)
         return cls(model, tokenizer, config, device, dtype)
-
-    def network(self) -> torch.nn.Module:
-        return self.model
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.config["codebook_size"])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return int(self.config["grid"][0]), int(self.config["grid"][1])
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -102,12 +102,18 @@ def load_verified(model: torch.nn.Module, folder: Path, config: dict[str, Any]) 
 
 class Pretrained(PyTorchModelHubMixin, library_name="lesion-vq", license="cc-by-nc-4.0",
                  tags=["lesion-vq", "dermoscopy", "vq-vae", "research-only"]):
-    """Base of the API classes. Subclasses set :attr:`model_type` and :attr:`places` and implement
-    :meth:`load` (a folder :func:`find_model` found -> an instance) and :meth:`network` / :attr:`config`."""
+    """Base of the API classes: a model in eval mode on ``device`` in ``dtype`` and the config that describes it.
+    Subclasses set :attr:`model_type` and :attr:`places` and implement :meth:`load` (a folder :func:`find_model`
+    found -> an instance)."""
 
     model_type: ClassVar[str]
     places: ClassVar[tuple[str, ...]]
-    config: dict[str, Any]
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.config = config
+        self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
     def load(cls: type[T], folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
@@ -116,7 +122,7 @@ class Pretrained(PyTorchModelHubMixin, library_name="lesion-vq", license="cc-by-
 
     def network(self) -> torch.nn.Module:
         """The module whose weights the folder holds."""
-        raise NotImplementedError
+        return self.model
 
     @classmethod
     def from_pretrained(cls: type[T], pretrained_model_name_or_path: str | Path, **kwargs: Any) -> T:

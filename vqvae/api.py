@@ -22,7 +22,7 @@ from torch import Tensor
 from runtime.pretrained import Pretrained, PretrainedError, load_verified
 from shards.images import ImageRejected, resized, to_rgb
 from vqvae.config import VQVAEConfig, parse_vqvae_config
-from vqvae.models import VQVAE, build_vqvae
+from vqvae.models import build_vqvae
 
 MODEL_TYPE = "lesion-vq-tokenizer"
 _INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -82,17 +82,26 @@ def _from_pil(image: Any, index: int, size: int) -> Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255
 
 
-class Tokenizer(Pretrained):
+class CodeGrids:
+    """What a model of code grids reads from its config: the codebook size and one image's grid."""
+
+    config: dict[str, Any]
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.config["codebook_size"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Height and width of one image's code grid."""
+        return int(self.config["grid"][0]), int(self.config["grid"][1])
+
+
+class Tokenizer(CodeGrids, Pretrained):
     """A VQ-VAE turned into a tokenizer: :meth:`encode` images to code grids, :meth:`decode` them back."""
 
     model_type: ClassVar[str] = MODEL_TYPE
     places: ClassVar[tuple[str, ...]] = ("vqvae/final", "export/tokenizer", "tokenizer")
-
-    def __init__(self, model: VQVAE, config: dict[str, Any], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.config = config
-        self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Tokenizer:
@@ -103,22 +112,10 @@ class Tokenizer(Pretrained):
                                   f"{str(err).splitlines()[0]}") from None
         return cls(load_verified(model, folder, config), config, device, dtype)
 
-    def network(self) -> torch.nn.Module:
-        return self.model
-
     @property
     def image_size(self) -> int:
         """Side of the square images the model encodes (others are resized to it)."""
         return int(self.config["image_size"])
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.config["codebook_size"])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Height and width of one image's code grid."""
-        return int(self.config["grid"][0]), int(self.config["grid"][1])
 
     def pixels(self, images: ImageBatch) -> Tensor:
         """``images`` as a B×3×S×S float batch in [0, 1] on the model's device (S = image_size)."""
