@@ -105,6 +105,10 @@ class TrainData(Protocol):
     def num_samples(self) -> int:
         """Samples in one epoch."""
 
+    @property
+    def train_splits(self) -> tuple[Path, ...]:
+        """The split folders trained on (the manifest's ``trained_on``: no test split may be among them)."""
+
     def check(self, world_size: int) -> None:
         """Raise a UserError when the data cannot be trained on (damaged, empty, too small)."""
 
@@ -449,5 +453,6 @@ def _write_stage_outputs(model: torch.nn.Module, plan: TrainPlan, stage: str, st
     if plan.model_config is not None:
         lineage = {**plan.run.lineage, stage: token({"identity": plan.run.identity, "content": content_digest(sha)})}
         write_model_config(weights.parent, {**plan.model_config, "lineage": lineage})
+    trained_on = [os.path.relpath(split, plan.config.run_dir) for split in plan.data.train_splits]
     plan.run.finish(sha, {"steps": state.step, "weights": str(weights.relative_to(plan.out_dir)),
-                          "weights_sha256": sha, **plan.manifest_extras, **distributed})
+                          "weights_sha256": sha, "trained_on": trained_on, **plan.manifest_extras, **distributed})

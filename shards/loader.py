@@ -305,15 +305,19 @@ class ShardTrainData:
     """Further split folders trained on with ``train_split`` as one split (the augment stage's synthetic images)."""
 
     @property
+    def train_splits(self) -> tuple[Path, ...]:
+        return (self.train_split, *self.more_train)
+
+    @property
     def num_samples(self) -> int:
-        return sum(int(read_manifest(s)["num_samples"]) for s in (self.train_split, *self.more_train))
+        return sum(int(read_manifest(s)["num_samples"]) for s in self.train_splits)
 
     def steps_per_epoch(self, world_size: int) -> int:
         return steps_per_epoch(self.num_samples, self.optim.batch_size, world_size)
 
     def loader(self, *, epoch: int, position: int, rank: int, world_size: int) -> DataLoader:
         o = self.optim
-        return make_train_loader((self.train_split, *self.more_train), batch_size=o.batch_size, rank=rank,
+        return make_train_loader(self.train_splits, batch_size=o.batch_size, rank=rank,
                                  world_size=world_size, epoch=epoch, seed=o.seed, position=position, epochs=None,
                                  num_workers=o.num_workers, prefetch_factor=o.prefetch_factor, augment=o.augment,
                                  shuffle_buffer=o.shuffle_buffer, pin_memory=o.gpu_path_on(self._device_type),
@@ -353,7 +357,7 @@ class ShardTrainData:
             raise ConfigError(f"{val} holds no samples, so validation cannot run; allowed: data.val_fraction > 0 "
                               "with enough images that the val split gets at least one (e.g. data.num_images)")
         facts = self._declared_facts()
-        problems = [p for split in (self.train_split, *self.more_train, val) for p in verify_shards(split)]
+        problems = [p for split in (*self.train_splits, val) for p in verify_shards(split)]
         if problems:
             raise ManifestError(
                 f"{self.train_split.parent}: {len(problems)} shard(s) do not match their manifest, refusing to "
