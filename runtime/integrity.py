@@ -46,38 +46,43 @@ def recorded_path(folder: Path, recorded: Any, *, manifest: Path) -> Path:
     return path
 
 
-def verified_file(folder: Path, recorded: Any, sha256: Any, *, manifest: Path) -> Path:
-    """The file a manifest recorded as ``recorded`` (relative to ``folder``) with content ``sha256``, after
-    checking both (:func:`recorded_path`, then the bytes); raises :class:`IntegrityError` naming what differs
-    and how to re-make it. The one check every consumer of a recorded file uses."""
+def verified_file(folder: Path, recorded: Any, sha256: Any, *, manifest: Path, size: Any = None) -> Path:
+    """The file a manifest recorded as ``recorded`` (relative to ``folder``) with content ``sha256`` (and ``size``
+    bytes, when recorded: a cheap first check), after checking all (:func:`recorded_path`, then the bytes);
+    raises :class:`IntegrityError` naming what differs and how to re-make it. The one check every consumer of a
+    recorded file uses."""
     path = recorded_path(folder, recorded, manifest=manifest)
     if not isinstance(sha256, str) or len(sha256) != 64:
         raise IntegrityError(f"{manifest}: {recorded} has no recorded sha256 ({sha256!r}), so it cannot be "
                              "verified; re-make it (python launch/pipeline.py re-makes what is damaged)")
     if not path.is_file():
-        raise IntegrityError(f"{path} is missing or not a file, though {manifest} records it; re-make it "
+        raise IntegrityError(f"{path}: missing (or not a file), though {manifest} records it; re-make it "
                              "(python launch/pipeline.py re-makes what is damaged)")
+    if isinstance(size, int) and path.stat().st_size != size:
+        raise IntegrityError(f"{path}: size {path.stat().st_size} != {size} bytes that {manifest} recorded (cut "
+                             "short or changed after it was made); re-make it (python launch/pipeline.py re-makes "
+                             "what is damaged)")
     found = sha256_file(path)
     if found != sha256:
-        raise IntegrityError(f"{path} is not the file {manifest} recorded (sha256 {found[:12]}..., recorded "
-                             f"{sha256[:12]}...): changed or replaced after it was made; refusing to use it. "
-                             "Re-make it (python launch/pipeline.py re-makes what is damaged)")
+        raise IntegrityError(f"{path}: sha256 differs from the one {manifest} recorded ({found[:12]}... vs "
+                             f"{sha256[:12]}...): not the file that was made; refusing to use it. Re-make it "
+                             "(python launch/pipeline.py re-makes what is damaged)")
     return path
 
 
-def recorded_files(folder: Path, manifest: dict[str, Any]) -> list[tuple[Path, Any, Any, Path]]:
-    """(folder, recorded path, recorded sha256, manifest path) of every file a stage manifest records: its
-    ``weights`` (+ ``weights_sha256``), each entry of its ``shards`` list (``name`` + ``sha256``), and the same in
-    the manifest of each of its ``splits`` (a sub-folder of that name)."""
+def recorded_files(folder: Path, manifest: dict[str, Any]) -> list[tuple[Path, Any, Any, Path, Any]]:
+    """(folder, recorded path, recorded sha256, manifest path, recorded size or None) of every file a stage
+    manifest records: its ``weights`` (+ ``weights_sha256``), each entry of its ``shards`` list (``name`` +
+    ``sha256`` + ``bytes``), and the same in the manifest of each of its ``splits`` (a sub-folder of that name)."""
     folder = Path(folder)
     where = folder / MANIFEST
-    found: list[tuple[Path, Any, Any, Path]] = []
+    found: list[tuple[Path, Any, Any, Path, Any]] = []
     if "weights" in manifest:
-        found.append((folder, manifest["weights"], manifest.get("weights_sha256"), where))
+        found.append((folder, manifest["weights"], manifest.get("weights_sha256"), where, None))
     shards = manifest.get("shards")
     if isinstance(shards, list):
-        found += [(folder, s.get("name") if isinstance(s, dict) else s, s.get("sha256") if isinstance(s, dict)
-                   else None, where) for s in shards]
+        found += [(folder, s.get("name"), s.get("sha256"), where, s.get("bytes")) if isinstance(s, dict)
+                  else (folder, s, None, where, None) for s in shards]
     splits = manifest.get("splits")
     if isinstance(splits, dict):
         for split in splits:
@@ -102,9 +107,9 @@ def recorded_problems(folder: Path, manifest: dict[str, Any], limit: int = 3) ->
         entries = recorded_files(folder, manifest)
     except IntegrityError as err:
         return [str(err)]
-    for base, recorded, sha256, where in entries:
+    for base, recorded, sha256, where, size in entries:
         try:
-            verified_file(base, recorded, sha256, manifest=where)
+            verified_file(base, recorded, sha256, manifest=where, size=size)
         except IntegrityError as err:
             problems.append(str(err))
             if len(problems) >= limit:

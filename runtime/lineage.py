@@ -137,7 +137,9 @@ def _check_upstream(cfg: Any, layout: RunLayout | None, name: str,
                 "changed), or use the config it was made with")
         damaged = recorded_problems(folder, manifest, limit=1)  # weights / shards: the bytes that were recorded
         if damaged:
-            raise LineageError(f"{name}: its input {up} cannot be trusted: {damaged[0]}")
+            shards = f" Check with `python -m shards inspect {folder}`." if "splits" in manifest else ""
+            raise LineageError(f"{name}: refusing to {'train' if stage(name).kind == 'training' else 'run'} on its "
+                               f"input {up}, which cannot be trusted: {damaged[0]}.{shards}")
         manifests[up], tokens[up] = manifest, token(manifest)
         for ancestor, value in {**manifest.get("lineage", {}), up: token(manifest)}.items():
             if lineage.setdefault(ancestor, value) != value:

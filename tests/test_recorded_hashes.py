@@ -37,7 +37,7 @@ def test_intact_weights_pass(tmp_path: Path) -> None:
 def test_replaced_weights_refused(tmp_path: Path) -> None:
     folder, manifest = _stage(tmp_path)
     (folder / "final" / "model.safetensors").write_bytes(b"a checkpoint copied over")
-    with pytest.raises(IntegrityError, match=r"not the file .* recorded"):
+    with pytest.raises(IntegrityError, match="sha256 differs from the one"):
         stage_weights(folder, manifest)
     assert recorded_problems(folder, manifest)
 
@@ -81,7 +81,7 @@ def test_split_shards_checked(tmp_path: Path) -> None:
     manifest = {"splits": {"train": {}}}
     assert recorded_problems(folder, manifest) == []
     (folder / "train" / "shard-000000.tar").write_bytes(b"tampered")
-    assert "not the file" in recorded_problems(folder, manifest)[0]
+    assert "sha256 differs" in recorded_problems(folder, manifest)[0]
     assert "refusing to follow" in recorded_problems(folder, {"splits": {"../x": {}}})[0]
 
 
@@ -133,7 +133,7 @@ def test_checkpoint_copied_over_final_weights_is_remade_and_refused_downstream(r
     actions = _actions(cfg)
     assert actions["vqvae"][0] == "run" and "changed after they were made" in actions["vqvae"][1], actions["vqvae"]
     assert all(actions[name][0] == "run" for name in ("encode", "prior", "sample", "evaluate"))
-    with pytest.raises(LineageError, match="input vqvae cannot be trusted"):
+    with pytest.raises(LineageError, match="refusing to run on its input vqvae, which cannot be trusted"):
         begin_stage(cfg, "encode")
 
 
@@ -158,7 +158,7 @@ def test_tampered_sample_shard_refused_by_evaluate(run: tuple[Path, RunConfig]) 
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte inside a sample
     shard.write_bytes(bytes(data))
-    with pytest.raises(LineageError, match="input sample cannot be trusted"):
+    with pytest.raises(LineageError, match="refusing to run on its input sample, which cannot be trusted"):
         begin_stage(cfg, "evaluate")
 
 
