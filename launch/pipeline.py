@@ -203,9 +203,10 @@ def main(args: argparse.Namespace) -> int:
         print(plan_table(cfg, make_plan(cfg, stages, forced), args.processes))
         return 0
     claim_run_dir(cfg)
-    if layout.pipeline.is_symlink():  # its lock, timings and job ids would be written wherever it points
-        raise PipelineError(f"{layout.pipeline} is a symbolic link; lesion-vq keeps its bookkeeping only in a folder "
-                            "it made: remove the link and rerun")
+    for own in (layout.pipeline, layout.root / "slurm"):  # lock, timings, job ids; submitit's files and job logs
+        if own.is_symlink():  # what it writes there would land wherever the link points
+            raise PipelineError(f"{own} is a symbolic link; lesion-vq keeps its bookkeeping only in a folder it "
+                                "made: remove the link and rerun")
     say_ignored("pipeline")
     with exclusive_lock(layout.lock, f"another pipeline is already running on {layout.root}"):
         save_config(cfg, layout.config)

@@ -154,12 +154,13 @@ def test_pack_replace_checks_history_first(tmp_path: Path) -> None:
     assert (out / "manifest.json").is_file()
 
 
-def test_pipeline_bookkeeping_folder_symlink_is_refused(tmp_path: Path, victim: Path) -> None:
+@pytest.mark.parametrize("folder", [".pipeline", "slurm"])
+def test_pipeline_bookkeeping_folder_symlink_is_refused(tmp_path: Path, victim: Path, folder: str) -> None:
     from launch.pipeline import PipelineError, main, parser
 
     run_dir = tmp_path / "run"
     write_marker(run_dir, "run")
-    (run_dir / ".pipeline").symlink_to(tmp_path, target_is_directory=True)  # jobs.json, timings, lock: elsewhere
+    (run_dir / folder).symlink_to(tmp_path, target_is_directory=True)  # jobs.json, timings, job logs: elsewhere
     with pytest.raises(PipelineError, match="symbolic link"):
         main(parser().parse_args([*TINY, f"run_dir={run_dir}", "--until", "data"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "victim.txt"]
