@@ -81,7 +81,7 @@ def test_bad_values_name_the_key(override: str, expected: str) -> None:
 def test_sample_minimum_must_fit_the_data_mix_total() -> None:
     with pytest.raises(ConfigError, match=r"sample.min_per_class=5 exceeds sample.per_class=4"):
         build_config("smoke", ["sample.class_mix=data", "sample.min_per_class=5"])
-    with pytest.raises(ConfigError, match=r"sample.class_mix: Input should be 'uniform' or 'data'"):
+    with pytest.raises(ConfigError, match=r"sample.class_mix: Input should be 'uniform', 'data' or 'top_up'"):
         build_config("smoke", ["sample.class_mix=balanced"])
     assert build_config("smoke", ["sample.class_mix=data", "sample.min_per_class=4"]).sample.min_per_class == 4
 
