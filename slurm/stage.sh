@@ -5,8 +5,9 @@
 #   slurm/stage.sh STAGE --config RUN_DIR/config.json [KEY=VALUE ...]   # submit; prints the job id
 #   python launch/pipeline.py --emit-sbatch STAGE --config C             # just print the job script
 #
-# STAGE: any stage of runtime/stages.py (data, vqvae, encode, prior, sample, classifier, ...). Run under `sbatch` directly (as the
-# slurm/train_*.sh aliases allow), the job runs in whatever allocation sbatch was given.
+# STAGE: any stage of the registry in runtime/stages.py (data, vqvae, encode, prior, sample, classifier, ...).
+# Run under `sbatch` directly (as the slurm/train_*.sh aliases allow), the job runs in whatever allocation
+# sbatch was given.
 # Inside the job: one launcher per node (srun), which starts the stage (runtime/launcher.py); exit 75
 # (checkpoint saved on the warning signal or SIGTERM) requeues the job, which then resumes.
 set -euo pipefail
