@@ -20,6 +20,11 @@ RUN_DIR/augment/manifest.json holds per arm the mean ± std over seeds of balanc
 per-class recall/F1, the paired differences with bootstrap confidence intervals (judge/comparison.py), the
 synthetic images used (their ids) and the cost. Each training is its own folder (``ARM-seedS/``, resumable, as
 any training); a rerun reuses finished ones.
+
+    python judge/augment.py --config RUN_DIR/config.json --images DIR --csv CSV
+
+judges the finished stage's classifiers on another labelled image set instead (e.g. private ISIC images), with
+the same table, printed; nothing is trained or written.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from judge.api import classifier_config
 from judge.classifier import build_classifier
 from judge.comparison import class_scores, comparison_tables, markdown, paired_differences, summarise_arm
 from judge.config import ARMS
+from judge.evaluate import _image_set, _read
 from judge.train import ClassifierTask
 from prior.dataset import CSV_NAME, read_dataset
 from runtime.balance import class_weights
@@ -54,10 +60,11 @@ from runtime.lineage import StageRun, begin_stage, content_digest
 from runtime.log import get_logger
 from runtime.ownership import read_marker, write_marker
 from runtime.seeding import torch_generator
-from runtime.stages import MANIFEST, RunLayout
+from runtime.stages import MANIFEST, RunLayout, read_stage_manifest
 from runtime.train_config import OptimConfig
 from runtime.trainer import TrainPlan, train
 from shards.config import DataConfig
+from shards.ingest import summarise
 from shards.loader import ImageDecoder, ShardTrainData, make_eval_loader, split_manifest
 from shards.pack import pack_isic
 
@@ -168,10 +175,15 @@ def train_arm(cfg: RunConfig, run: StageRun, arm: str, seed: int, synthetic: Pat
         if status:
             raise SystemExit(status)  # stopped by a signal: its checkpoint is saved; a rerun resumes it
         atomic_write_json(sub.out_dir / TIMING, {"seconds": time.perf_counter() - started})
-    model = build_classifier(cfg.classifier, len(CLASSES))
-    load_weights(model, stage_weights(sub.out_dir, read_json(done)))
     timing = sub.out_dir / TIMING
-    return model.eval(), float(read_json(timing)["seconds"]) if timing.is_file() else 0.0
+    return trained_model(cfg, sub.out_dir), float(read_json(timing)["seconds"]) if timing.is_file() else 0.0
+
+
+def trained_model(cfg: RunConfig, folder: Path) -> nn.Module:
+    """The classifier a finished training folder holds (its weights verified against its manifest)."""
+    model = build_classifier(cfg.classifier, len(CLASSES))
+    load_weights(model, stage_weights(folder, read_json(folder / MANIFEST)))
+    return model.eval()
 
 
 @torch.no_grad()
@@ -182,6 +194,16 @@ def classify_test(cfg: RunConfig, model: nn.Module) -> tuple[torch.Tensor, torch
         guesses.append(model(batch["image"]).argmax(1))
         truth.append(batch["label"])
     return torch.cat(guesses), torch.cat(truth)
+
+
+def compare(cfg: RunConfig, guesses: dict[str, torch.Tensor], truth: torch.Tensor) -> dict[str, Any]:
+    """The arms' scores (mean ± std over seeds) and paired differences for ``guesses`` (arm -> seeds x N) of
+    the labelled images ``truth``."""
+    a = cfg.augment
+    return {"arms": {arm: summarise_arm([class_scores(g, truth) for g in guesses[arm]]) for arm in guesses},
+            "differences": paired_differences(guesses, truth, PAIRS, a.bootstrap, a.confidence, a.seed),
+            "test_images": len(truth),
+            "test_class_counts": {CLASSES[c]: int((truth == c).sum()) for c in range(len(CLASSES))}}
 
 
 def run_augment(cfg: RunConfig) -> dict[str, Any]:
@@ -196,7 +218,6 @@ def run_augment(cfg: RunConfig) -> dict[str, Any]:
     synthetic = pack_synthetic(cfg, run, rows)
     seeds = [cfg.augment.seed + i for i in range(cfg.augment.seeds)]
     guesses: dict[str, torch.Tensor] = {}
-    scores: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     truth = torch.empty(0, dtype=torch.long)
     for arm in ARMS:
@@ -209,18 +230,13 @@ def run_augment(cfg: RunConfig) -> dict[str, Any]:
             log.info("%s seed %d: test balanced accuracy %.3f", arm, seed, class_scores(guessed, truth)[
                 "balanced_accuracy"])
         guesses[arm] = torch.stack(per_seed)
-        scores[arm] = [class_scores(g, truth) for g in per_seed]
     real_train = split_manifest(RunLayout.of(cfg).stage_dir("data") / "train")["num_samples"]
     added = Counter(r["dx"] for r in rows)
-    a = cfg.augment
     result = {
-        "arms": {arm: summarise_arm(scores[arm]) for arm in ARMS},
-        "differences": paired_differences(guesses, truth, PAIRS, a.bootstrap, a.confidence, a.seed),
+        **compare(cfg, guesses, truth),
         "train_images": {"real": real_train, "synthetic": real_train + len(rows), "augmented": real_train},
         "synthetic_added": {c: added[c.lower()] for c in CLASSES},
         "synthetic_images": [r["image_id"] for r in rows],
-        "test_images": len(truth), "test_class_counts": {CLASSES[c]: int((truth == c).sum()) for c in range(
-            len(CLASSES))},
         "seeds": seeds, "steps": _optim(cfg, "real", 0).max_steps, "batch_size": cfg.classifier_train.batch_size,
         "cost": {"training_seconds": seconds, "total_seconds": time.perf_counter() - started,
                  "trainings": len(seconds)},
@@ -232,10 +248,47 @@ def run_augment(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
+@torch.no_grad()
+def judge_images(cfg: RunConfig, images: Path, labels: Path) -> dict[str, Any]:
+    """The finished augment stage's classifiers judged on another labelled image set (e.g. private ISIC
+    images; read, converted and resized as packing does), with the same table; prints it, writes nothing."""
+    stage_dir = RunLayout.of(cfg).stage_dir("augment")
+    manifest = read_stage_manifest(stage_dir, "augment")
+    items, skipped = _image_set(Path(images).absolute(), Path(labels).absolute())
+    batches = list(_read(items, cfg.data, cfg.augment.batch_size, skipped))
+    if not batches:
+        raise UserError(f"{images}: no readable labelled image; skipped: {summarise(skipped)}")
+    truth = torch.tensor([label for _, batch_labels in batches for label in batch_labels])
+    guesses = {}
+    for arm in (a for a in ARMS if a in manifest["arms"]):
+        models = [trained_model(cfg, stage_dir / f"{arm}-seed{seed}") for seed in manifest["seeds"]]
+        guesses[arm] = torch.stack([torch.cat([m(b).argmax(1) for b, _ in batches]) for m in models])
+    result = {**manifest, **compare(cfg, guesses, truth), "images": str(images), "skipped": len(skipped)}
+    print(f"{len(truth)} labelled images from {images} (skipped: {summarise(skipped)}), {len(manifest['seeds'])} "
+          f"classifiers per arm from {stage_dir}\n")
+    for headers, table_rows in comparison_tables(result):
+        print(markdown(headers, table_rows) + "\n")
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
-    run_augment(config_from_args(args))
+    if (args.images is None) != (args.csv is None):
+        raise UserError("--images DIR and --csv CSV go together (judging another labelled image set)")
+    cfg = config_from_args(args)
+    if args.images is None:
+        run_augment(cfg)
+    else:
+        judge_images(cfg, args.images, args.csv)
     return 0
 
 
+def parser() -> argparse.ArgumentParser:
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--images", type=Path, help="judge the finished stage's classifiers on this folder of images "
+                                               "instead of training (nothing is written)")
+    p.add_argument("--csv", type=Path, help="with --images: their labels (HAM10000 or ISIC 2018/2019 ground truth)")
+    return p
+
+
 if __name__ == "__main__":
-    run_cli(main, stage_parser(__doc__.splitlines()[0]))
+    run_cli(main, parser())

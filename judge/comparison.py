@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
 
+from judge.config import ARMS
 from runtime.seeding import torch_generator
 from shards.config import CLASSES
 
@@ -90,7 +91,7 @@ def paired_differences(guesses: dict[str, torch.Tensor], truth: torch.Tensor, pa
 def comparison_tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     """(headers, rows) of the arms' scores, the per-class F1 and recall, and the paired differences, as text:
     what the report, the stage's printout and docs/results.md show."""
-    arms = result["arms"]
+    arms = {arm: result["arms"][arm] for arm in ARMS if arm in result["arms"]}  # saved manifests sort their keys
 
     def pm(value: dict[str, Any]) -> str:
         return f"{value['mean']:.3f} ± {value['std']:.3f}"

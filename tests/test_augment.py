@@ -171,3 +171,22 @@ def test_no_training_saw_a_test_image(finished_run: FinishedRun) -> None:
     assert synthetic["splits"]["val"]["num_samples"] == synthetic["splits"]["test"]["num_samples"] == 0
     assert any("augment/synthetic/shards/train" in t for f in trainings
                for t in json.loads((f / "manifest.json").read_text())["trained_on"])
+
+
+@pytest.mark.slow
+def test_finished_classifiers_judge_another_labelled_set(finished_run: FinishedRun, capsys: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    """``--images DIR --csv CSV``: the stage's nine classifiers on other labelled images (here the run's own
+    synthetic data set), the same table, nothing written."""
+    from judge.augment import judge_images
+    from runtime.config import load_config
+
+    run = finished_run.run_dir
+    dataset = run / "samples" / "dataset"
+    before = sorted(p.name for p in (run / "augment").iterdir())
+    result = judge_images(load_config(finished_run.config), dataset / "images", dataset / "metadata.csv")
+    rows = (dataset / "metadata.csv").read_text().strip().splitlines()[1:]
+    assert result["test_images"] == len(rows)
+    assert list(result["arms"]) == ["real", "synthetic", "augmented"]
+    assert "synthetic - augmented" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "augment").iterdir()) == before
