@@ -144,11 +144,14 @@ def pack_synthetic(cfg: RunConfig, run: StageRun, rows: list[dict[str, str]]) ->
 
 
 def _optim(cfg: RunConfig, arm: str, seed: int) -> OptimConfig:
-    steps = cfg.augment.max_steps or cfg.classifier_train.max_steps
-    return cfg.classifier_train.model_copy(update={
+    """The judge's optimisation for one training; a shortened one (augment.max_steps) keeps the shape of the
+    schedule: its warm-up is shortened in proportion."""
+    judge = cfg.classifier_train
+    steps = cfg.augment.max_steps or judge.max_steps
+    return judge.model_copy(update={
         "max_steps": steps, "seed": seed, "augment": arm == "augmented",
-        "eval_every": min(cfg.classifier_train.eval_every, steps),
-        "checkpoint_every": min(cfg.classifier_train.checkpoint_every, steps)})
+        "warmup_steps": judge.warmup_steps * steps // judge.max_steps,
+        "eval_every": min(judge.eval_every, steps), "checkpoint_every": min(judge.checkpoint_every, steps)})
 
 
 def train_arm(cfg: RunConfig, run: StageRun, arm: str, seed: int, synthetic: Path) -> tuple[nn.Module, float]:
