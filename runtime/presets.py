@@ -130,9 +130,10 @@ def _ham128() -> dict[str, Any]:
         "classifier": {"width": 16},
         "classifier_train": {"batch_size": 32, "lr": 2e-3, "max_steps": 4000, "schedule": "cosine",
                              "warmup_steps": 100, "checkpoint_every": 500, "eval_every": 500},
-        # 9 trainings (3 arms x 3 seeds) of the judge's recipe in about 30 minutes on 2 CPU cores at 128 px:
-        # 800 steps each at about 0.2 s per step unloaded (docs/synthetic.md; measured cost in docs/results.md).
-        "augment": {"max_steps": 800},
+        # 9 trainings (3 arms x 3 seeds) of the judge's recipe in about 30 minutes on 2 CPU cores at 128 px: 300
+        # steps each, from 2.2 s per step measured at load average ~6 (about a third of the cores ours), i.e. ~0.7 s
+        # unloaded, plus ~20 s per training for validation and the test split (docs/results.md).
+        "augment": {"max_steps": 300},
     }
 
 
