@@ -105,7 +105,7 @@ def comparison_tables(result: dict[str, Any]) -> list[tuple[list[str], list[list
                   for arm, a in arms.items() for kind in ("f1", "recall")])
     diffs = (["difference", "balanced accuracy", "macro F1"],
              [[pair, *(f"{d[m]['estimate']:+.3f} [{d[m]['ci'][0]:+.3f}, {d[m]['ci'][1]:+.3f}]" for m in HEADLINE)]
-              for pair, d in result["differences"].items()])
+              for pair, d in sorted(result["differences"].items(), key=lambda kv: ARMS.index(kv[0].split(" - ")[1]))])
     return [scores, per_class, diffs]
 
 
