@@ -74,7 +74,8 @@ class RunConfig(Strict):
         if self.data.image_size % factor:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is not divisible by the VQ-VAE down-sampling "
-                f"factor {factor} (2 ** len(vqvae.channels)); allowed: multiples of {factor}"
+                f"factor {factor} (vqvae.patch_size, where the arch has one, x 2 ** len(vqvae.channels)); allowed: "
+                f"multiples of {factor}"
             )
         if self.data.source == "isic" and self.data.isic_images is None:
             raise ValueError("data.source=isic needs data.isic_images=/path/to/images")
