@@ -179,7 +179,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     # A report travels from an xdist worker as UTF-8; a failure naming a non-UTF-8 path (hostile-input tests make
     # them) would otherwise crash the whole run instead of failing one test.
     report = yield
-    if report.longrepr is not None:
+    if report.failed and report.longrepr is not None:  # a skip's longrepr must stay a (path, line, reason) tuple
         text = str(report.longrepr)
         report.longrepr = text.encode("utf-8", "backslashreplace").decode("utf-8")
     report.sections = [(key, value.encode("utf-8", "backslashreplace").decode("utf-8"))

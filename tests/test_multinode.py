@@ -260,14 +260,16 @@ def test_every_stage_of_the_chain_is_a_completed_job_in_order(chain) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_arrays_spread_over_both_nodes_and_match_a_local_run(chain, reference_chain: Path,
-                                                            nodes: list[str]) -> None:
+def test_array_tasks_run_on_the_cluster_nodes_and_match_a_local_run(chain, reference_chain: Path,
+                                                                   nodes: list[str]) -> None:
     run_dir, result, ids = chain
     assert result.returncode == 0, "the shared chain failed (see test_pipeline_trains_on_two_nodes_...)"
     for stage in ("encode", "sample"):
         rows = _sacct(ids[stage])
         assert len(rows) == 2 and all(r[1] == "COMPLETED" for r in rows), f"{stage}: {rows}"
-        assert sorted(r[2] for r in rows) == nodes, f"{stage} array tasks did not use both nodes: {rows}"
+        # Which node each task gets is Slurm's choice (least loaded when it is placed: a task that ends before the
+        # next is placed frees its node), so only membership is checked; two-node jobs are tested above.
+        assert {r[2] for r in rows} <= set(nodes), f"{stage} array tasks ran outside the cluster: {rows}"
     cluster, local = _file_digests(run_dir), _file_digests(reference_chain)
     assert len(cluster) > 10 and cluster.keys() == local.keys(), (sorted(cluster), sorted(local))
     differ = {k: (v, local[k]) for k, v in cluster.items() if local[k] != v}
