@@ -46,7 +46,7 @@ from judge.api import classifier_config
 from judge.classifier import build_classifier
 from judge.comparison import class_scores, comparison_tables, markdown, paired_differences, summarise_arm
 from judge.config import ARMS
-from judge.evaluate import _image_set, _read
+from judge.evaluate import labelled_images, read_batches
 from judge.train import ClassifierTask
 from prior.dataset import CSV_NAME, read_dataset
 from runtime.balance import class_weights
@@ -257,8 +257,8 @@ def judge_images(cfg: RunConfig, images: Path, labels: Path) -> dict[str, Any]:
     images; read, converted and resized as packing does), with the same table; prints it, writes nothing."""
     stage_dir = RunLayout.of(cfg).stage_dir("augment")
     manifest = read_stage_manifest(stage_dir, "augment")
-    items, skipped = _image_set(Path(images).absolute(), Path(labels).absolute())
-    batches = list(_read(items, cfg.data, cfg.augment.batch_size, skipped))
+    items, skipped = labelled_images(Path(images).absolute(), Path(labels).absolute())
+    batches = list(read_batches(items, cfg.data, cfg.augment.batch_size, skipped))
     if not batches:
         raise UserError(f"{images}: no readable labelled image; skipped: {summarise(skipped)}")
     truth = torch.tensor([label for _, batch_labels in batches for label in batch_labels])

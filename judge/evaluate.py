@@ -200,7 +200,8 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
 
 # ----- --images: another image set judged with a finished run ------------------------------------------
-def _image_set(images_dir: Path, csv: Path | None) -> tuple[list[tuple[str, Path, int | None]], list[dict[str, str]]]:
+def labelled_images(images_dir: Path,
+                    csv: Path | None) -> tuple[list[tuple[str, Path, int | None]], list[dict[str, str]]]:
     """(id, file, label or None) of every image, sorted by id, and what was skipped; labels from the CSV."""
     if csv is None:
         found, skipped = find_images(images_dir)
@@ -209,8 +210,8 @@ def _image_set(images_dir: Path, csv: Path | None) -> tuple[list[tuple[str, Path
     return sorted((r.image_id, r.path, r.label) for r in result.records), result.skipped
 
 
-def _read(items: list[tuple[str, Path, int | None]], cfg: DataConfig, batch_size: int,
-          skipped: list[dict[str, str]]) -> Iterator[tuple[torch.Tensor, list[int | None]]]:
+def read_batches(items: list[tuple[str, Path, int | None]], cfg: DataConfig, batch_size: int,
+                 skipped: list[dict[str, str]]) -> Iterator[tuple[torch.Tensor, list[int | None]]]:
     """Batches of images read, converted and resized as packing stores them (JPEG at the run's size and
     quality, decoded again); unreadable files are added to ``skipped`` and left out."""
     images: list[torch.Tensor] = []
@@ -263,7 +264,7 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
     written = ("output folder", layout.judged) if out is None else ("--out", Path(out))
     refuse_dangerous_output(written[1], written[0], {"images": images_dir, "CSV": csv})
     manifests = completed_inputs(cfg, "evaluate")  # one line if the run is unfinished or of other settings
-    items, skipped = _image_set(images_dir, csv)
+    items, skipped = labelled_images(images_dir, csv)
     lineage = {name: token(manifests[name]) for name in ("classifier", "vqvae", "sample")}
     fingerprint = input_fingerprint(DataConfig(source="isic", isic_images=images_dir, isic_csv=csv))
     ident = content_digest({"images": fingerprint, "run": lineage})
@@ -272,7 +273,7 @@ def evaluate_images(cfg: RunConfig, images_dir: Path, csv: Path | None, out: Pat
     classifier, vqvae = _models(cfg, manifests)
     judged = _Judged(classifier, vqvae, cfg.vqvae.codebook_size)
     labels: list[int | None] = []
-    for images, batch_labels in _read(items, cfg.data, cfg.evaluate.batch_size, skipped):
+    for images, batch_labels in read_batches(items, cfg.data, cfg.evaluate.batch_size, skipped):
         judged.add(images)
         labels += batch_labels
     if len(labels) < 2:
