@@ -31,6 +31,6 @@ if ! [[ "$workers" =~ ^[0-9]+$ ]]; then
     exit 2
 fi
 if [ "$workers" -gt 0 ]; then
-    set -- -n "$workers" --dist loadgroup "$@"
+    set -- -n "$workers" --dist loadfile "$@"
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -187,9 +187,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+SLURM_MODULES = frozenset({"tests/test_cluster.py", "tests/test_job_scripts.py", "tests/test_local_cluster.py",
+                           "tests/test_multinode.py"})
+"""The modules with tests marked ``slurm``: under pytest-xdist their tests are one scope (one worker at a time), so
+two never compete for the cluster's two nodes. A ``slurm`` test elsewhere fails collection."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # With `-n N --dist loadgroup` (.ci/run): a module's tests stay on one worker, so its module fixtures are made
-    # once, and every Slurm test on one worker, so two never compete for the cluster's two nodes.
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    strays = sorted({item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slurm")} - SLURM_MODULES)
+    if strays:
+        raise pytest.UsageError(f"tests marked slurm in {', '.join(strays)}: add the module to SLURM_MODULES in "
+                                "tests/conftest.py (its Slurm tests must not run beside the others)")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N --dist loadfile`` (scripts/test.sh): a module's tests on one worker, so its module fixtures are made
+    once, and the modules of :data:`SLURM_MODULES` as one scope. (pytest-xdist's ``loadgroup`` no longer reads
+    its groups under pytest 9.2, which keeps node ids elsewhere.)"""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "slurm" if module in SLURM_MODULES else module
+
+    return ModuleScheduling(config, log)

@@ -1,10 +1,10 @@
 """Fault injection, pipeline: a crash mid-stage, two pipelines on one run dir, a config changed between runs.
 
-One run directory goes through the sequence (module-scoped, the steps depend on each other):
-kill -9 of the whole pipeline during VQ-VAE training (a second pipeline started meanwhile must be
-refused at once) -> rerun completes and resumes the training -> rerun with a setting that does not
-change any output -> rerun with a changed prior. Stage outputs are compared by manifest bytes, mtimes
-and the final weights' sha256. The cluster-side "stage failing" case is in tests/test_cluster.py.
+One run directory goes through kill -9 of the whole pipeline during VQ-VAE training (a second pipeline
+started meanwhile must be refused at once; fixture ``crashed``), then a rerun that resumes the training and
+completes (fixture ``completed``); after it, a rerun with a setting that changes no output, and one with a
+changed prior on a copy of the run (so the tests hold in any order). Stage outputs are compared by manifest
+bytes, mtimes and the final weights' sha256. The cluster-side "stage failing" case is in tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import REPO, run_pipeline, stage_env, tiny_config
+from helpers import REPO, assert_ok, copy_run, run_pipeline, stage_env, tiny_config
 
 MANIFESTS = {"data": "data/manifest.json", "vqvae": "vqvae/manifest.json", "encode": "codes/manifest.json",
              "prior": "prior/manifest.json", "sample": "samples/manifest.json"}
@@ -109,28 +109,33 @@ def test_kill9_of_the_pipeline_leaves_no_process_and_nothing_complete_looking(cr
     assert json.loads((run_dir / ".pipeline" / "vqvae.timing.json").read_text())["seconds"] is None
 
 
-@pytest.mark.slow
-def test_rerun_after_the_crash_resumes_training_and_completes(crashed):
-    run_dir = crashed["run_dir"]
+@pytest.fixture(scope="module")
+def completed(crashed: dict) -> dict:
+    """The crashed run, run again to the end."""
     result = run_pipeline(crashed["config"])
+    return {**crashed, "rerun": result, "complete": _state(crashed["run_dir"])}
+
+
+@pytest.mark.slow
+def test_rerun_after_the_crash_resumes_training_and_completes(completed):
+    run_dir, result = completed["run_dir"], completed["rerun"]
     assert result.returncode == 0, result.stderr[-4000:]
     assert "stage data: skip: up to date" in result.stderr
     assert "stage vqvae: resume" in result.stderr
     resumed = re.search(r"resumed from \S+step-(\d{8}) \(step (\d+)\)", result.stderr)
     assert resumed and int(resumed.group(2)) >= 2, "training started over instead of resuming"
-    after = _state(run_dir)
-    assert after["data"] == crashed["before_rerun"]["data"]
+    after = completed["complete"]
+    assert after["data"] == completed["before_rerun"]["data"]
     assert set(after) == set(MANIFESTS)
     assert json.loads((run_dir / "vqvae" / "manifest.json").read_text())["steps"] == 40
     assert (run_dir / "report" / "report.html").is_file()
-    crashed["complete"] = after
 
 
 @pytest.mark.slow
-def test_changed_setting_that_affects_no_output_redoes_nothing(crashed):
-    run_dir = crashed["run_dir"]
-    before = crashed.get("complete") or pytest.skip("needs the completed rerun")
-    result = run_pipeline(crashed["config"], "vqvae_train.log_every=3", "prior_train.eval_every=9")
+def test_changed_setting_that_affects_no_output_redoes_nothing(completed):
+    run_dir, before = completed["run_dir"], completed["complete"]
+    assert_ok(completed["rerun"])
+    result = run_pipeline(completed["config"], "vqvae_train.log_every=3", "prior_train.eval_every=9")
     assert result.returncode == 0, result.stderr[-4000:]
     for stage in MANIFESTS:
         assert f"stage {stage}: skip: up to date" in result.stderr
@@ -138,12 +143,12 @@ def test_changed_setting_that_affects_no_output_redoes_nothing(crashed):
 
 
 @pytest.mark.slow
-def test_changed_prior_config_redoes_prior_and_sampling_only(crashed):
-    run_dir = crashed["run_dir"]
-    before = crashed.get("complete") or pytest.skip("needs the completed rerun")
+def test_changed_prior_config_redoes_prior_and_sampling_only(completed, tmp_path):
+    assert_ok(completed["rerun"])
+    run_dir, before = copy_run(completed["run_dir"], tmp_path / "run"), completed["complete"]
     weights = (run_dir / "vqvae" / "final" / "model.safetensors").read_bytes()
     # --until sample: the stages after it (judge, augment, export, report) have tests of their own.
-    result = run_pipeline(crashed["config"], "prior.filters=24", "--until", "sample")
+    result = run_pipeline(run_dir / "config.json", "prior.filters=24", "--until", "sample")
     assert result.returncode == 0, result.stderr[-4000:]
     after = _state(run_dir)
     for stage in ("data", "vqvae", "encode"):

@@ -6,12 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, stage_env, tiny_config
+from helpers import FinishedRun, assert_ok, copy_run, run_pipeline
 
 from runtime.config import RunConfig, load_config
 from runtime.integrity import IntegrityError, recorded_problems, stage_weights, verified_file
@@ -85,25 +83,10 @@ def test_split_shards_checked(tmp_path: Path) -> None:
     assert "refusing to follow" in recorded_problems(folder, {"splits": {"../x": {}}})[0]
 
 
-# ----- a tiny finished run (every stage), shared by the tests below; each attacks its own copy ---------------
-def _pipeline(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(config), *args], cwd=REPO,
-                          env=stage_env(), capture_output=True, text=True, timeout=900, check=False)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("recorded") / "run"
-    tiny_config(run_dir)
-    result = _pipeline(run_dir / "config.json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
+# ----- the session's finished run (conftest ``finished_run``); each test below attacks its own copy -------------
 @pytest.fixture
-def run(finished: Path, tmp_path: Path) -> tuple[Path, RunConfig]:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy, symlinks=True)
+def run(finished_run: FinishedRun, tmp_path: Path) -> tuple[Path, RunConfig]:
+    copy = copy_run(finished_run.run_dir, tmp_path / "run")
     return copy, load_config(copy / "config.json")
 
 
@@ -183,8 +166,7 @@ def test_pipeline_remakes_tampered_weights_in_one_run(run: tuple[Path, RunConfig
     run_dir, _ = run
     final = run_dir / "prior" / "final" / "model.safetensors"
     final.write_bytes(final.read_bytes()[:-8] + b"\x00" * 8)
-    result = _pipeline(run_dir / "config.json", "--dry-run")
-    assert result.returncode == 0, result.stderr
+    result = assert_ok(run_pipeline(run_dir / "config.json", "--dry-run"))
     assert "[prior] run: its files changed after they were made" in result.stdout
     assert "[vqvae] skip" in result.stdout
 
