@@ -198,6 +198,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if strays:
         raise pytest.UsageError(f"tests marked slurm in {', '.join(strays)}: add the module to SLURM_MODULES in "
                                 "tests/conftest.py (its Slurm tests must not run beside the others)")
+    # The Slurm tests first (a stable sort: every module stays in one piece, in its order): under xdist they are
+    # the longest scope, and it should not be the last to start.
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SLURM_MODULES)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -207,6 +210,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # scopes in collection order (Slurm first), not by their test counts
 
     class ModuleScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
