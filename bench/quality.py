@@ -28,6 +28,10 @@ baseline, ratio), the targets met or missed, and writes ``ROOT/*.{md,json}`` and
 usage (fraction of the codebook) and perplexity are measured on the encoded validation and test splits, and
 each run's VQ-VAE steps per second of its training stage's wall time.
 
+**A rerun on the same ``--root`` continues the comparison**: the timing is recorded in ``ROOT/timing.json`` and
+reused (only runs it lacks are timed), and every stage that is up to date is kept. The pipelines stop after their
+evaluate stage (the augment stage's classifier trainings compare nothing here).
+
 **Held out**: every run is also judged (``python -m judge.evaluate --images``) on the original files of the
 packed *test* split, lesions that no run trained on and no setting was chosen by (``ROOT/held-out/`` links to
 them), with the same rows and verdicts (``held out: ...``); ``ROOT/held-out-NAME.json`` keeps each result.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,7 +55,7 @@ import torch
 
 from bench.common import Row, write_results
 from runtime.config import CLASSES, ConfigError, RunConfig, build_config
-from runtime.files import open_in_place
+from runtime.files import atomic_write_json, open_in_place, read_json
 from runtime.launcher import REPO_ROOT
 
 SHARED_HAM = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(REPO_ROOT).parent / "shared" / "data")) / \
@@ -153,6 +158,34 @@ def _step_seconds(steps: dict[str, Callable[[], None]], rounds: int = 4) -> dict
     return {name: statistics.median(values[1:]) for name, values in times.items()}  # without the allocation step
 
 
+TIMING = "timing.json"
+"""Under ``--root``: the seconds per VQ-VAE step each run was timed at, kept so that a rerun on the same root
+continues the comparison (re-timed, every step count would move by a few per cent and every VQ-VAE train again)."""
+
+
+def timed_steps(root: Path, steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Seconds per step of each of ``steps``: as recorded in ROOT/timing.json, the others timed now (and recorded)."""
+    path = root / TIMING
+    recorded: dict[str, float] = {}
+    if path.is_file():
+        try:
+            recorded = read_json(path)
+            if not isinstance(recorded, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in recorded.values()):
+                raise ValueError("not a mapping of run names to positive seconds")
+        except ValueError as err:
+            print(f"error: {path}: {err}; it records the timing of the runs under --root (delete it to time them "
+                  "again, which retrains every VQ-VAE)", file=sys.stderr)
+            sys.exit(2)
+    missing = {name: step for name, step in steps.items() if name not in recorded}
+    if recorded:
+        print(f"VQ-VAE timing of {', '.join(sorted(set(steps) & set(recorded)))} from {path}", flush=True)
+    measured = _step_seconds(missing) if missing else {}
+    atomic_write_json(path, recorded | measured)
+    return {name: (recorded | measured)[name] for name in steps}
+
+
 def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     """name -> (preset, overrides) of every run, VQ-VAE steps left out (decided by timing)."""
     judge = _judge_overrides(args.images, args.csv, args)
@@ -191,7 +224,9 @@ def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: 
               *extra: str) -> subprocess.Popen[bytes]:
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # the launcher then uses 1 thread
-    argv = [sys.executable, "launch/pipeline.py", "--preset", preset, *overrides, f"run_dir={run_dir}", *extra]
+    # --until evaluate: the augment stage's classifier trainings, the export and the report compare nothing here.
+    argv = [sys.executable, "launch/pipeline.py", "--preset", preset, *overrides, f"run_dir={run_dir}",
+            "--until", "evaluate", *extra]
     with open_in_place(log, "ab") as out:
         return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
 
@@ -391,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     timed = ("seed", "ham128", *(f"ham128-{v}" for v in args.variants))
     steps = {name: _training_step(configs[name], critic=False) for name in timed}
     steps |= {f"{name} critic": _training_step(configs[name], critic=True) for name in timed if _adversarial(name)}
-    step = _step_seconds(steps)
+    step = timed_steps(root, steps)
     print("VQ-VAE seconds per step (1 thread): " + ", ".join(f"{k} {v:.3f} ({1 / v:.2f} steps/s)"
                                                              for k, v in step.items()), flush=True)
     vq = {name: _vqvae_overrides(configs[name], args.minutes * 60, step[name if name in step else "ham128"],
@@ -400,12 +435,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # One packed data set and one judge for every run, made first with all cores (their data and classifier
     # sections are the same, so are their identities) and linked into the other runs.
-    for stage in ("data", "classifier"):
-        made = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1],
-                               *vq["ham128"], f"run_dir={root / 'ham128'}", "--only", stage], cwd=REPO_ROOT,
-                              env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
-        if made.returncode != 0:
-            sys.exit(f"error: stage {stage} failed (exit {made.returncode})")
+    # --until, not --only: on a rerun, what is up to date is kept (--only would make it again).
+    made = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1],
+                           *vq["ham128"], f"run_dir={root / 'ham128'}", "--until", "classifier"], cwd=REPO_ROOT,
+                          env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
+    if made.returncode != 0:
+        sys.exit(f"error: the data and classifier stages failed (exit {made.returncode})")
     cpus = sorted(os.sched_getaffinity(0))
     (root / "seed").mkdir(exist_ok=True)
     for folder in ("data", "classifier"):

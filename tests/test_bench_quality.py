@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from bench.quality import (
     _variant,
     code_usage,
     main,
+    timed_steps,
     tokenizer_verdicts,
     with_overrides,
 )
@@ -114,3 +116,31 @@ def test_set_overrides_reach_every_run_and_a_bad_one_is_one_line(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and "\n" not in err and err.startswith("error: --set: ") and "train_views" in err
     assert not (tmp_path / "root").exists()  # refused before anything was made
+
+
+def test_a_rerun_on_the_same_root_keeps_the_recorded_timing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-timed, every VQ-VAE's step count would move and every run train again: the timing is recorded once."""
+    calls: list[str] = []
+
+    def step(name: str) -> Callable[[], None]:
+        return lambda: calls.append(name)
+
+    first = timed_steps(tmp_path, {"seed": step("seed")})
+    assert calls and set(calls) == {"seed"} and first["seed"] > 0
+    calls.clear()
+    again = timed_steps(tmp_path, {"seed": step("seed"), "ham128-patch": step("ham128-patch")})
+    assert again["seed"] == first["seed"] and set(calls) == {"ham128-patch"}  # only the new run is timed
+    assert "VQ-VAE timing of seed from" in capsys.readouterr().out
+    calls.clear()
+    assert timed_steps(tmp_path, {"ham128-patch": step("ham128-patch")}) == {"ham128-patch": again["ham128-patch"]}
+    assert calls == []
+
+
+@pytest.mark.parametrize("text", ['{"seed": -1}', '{"seed": "fast"}', "[1, 2]", "{not json", '{"seed": NaN}', '{"seed": true}'])
+def test_a_damaged_timing_record_is_one_line(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "timing.json").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        timed_steps(tmp_path, {"seed": lambda: None})
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "timing.json" in err and "Traceback" not in err
+    assert (tmp_path / "timing.json").read_text() == text  # left as it was
