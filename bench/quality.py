@@ -9,9 +9,10 @@ Every run is an ordinary pipeline run directory under ``--root`` (never inside t
 * ``ham128``: ``--preset ham128`` (transformer prior);
 * ``ham128-gated``: the same VQ-VAE, codes and judge (folders linked from ``ham128``), gated PixelCNN prior;
 * ``ham128-unguided``: ``ham128``'s prior sampled without classifier-free guidance (what guidance costs and buys);
-* with ``--variants ema adversarial cosine+rotation ...``: ``ham128-NAME``, ``ham128`` with another tokenizer
-  (:data:`VARIANTS`: the EMA VQ with a 512-code codebook instead of FSQ; VQGAN's discriminator from half-way through
-  training; factorised l2-normalised codes; the rotation trick; a cheap patch stem; ``A+B`` applies both), each
+* with ``--variants fsq conv fsq+conv ...``: ``ham128-NAME``, ``ham128`` with another tokenizer (:data:`VARIANTS`:
+  FSQ instead of factorised cosine codes; plain codes; straight-through gradients instead of the rotation trick;
+  three conv stages instead of the patch stem; VQGAN's discriminator from half-way through training; ``A+B``
+  applies both), each
   with its own VQ-VAE trained for the same wall time, its own codes and transformer prior (about 30 more minutes
   per pair of variants on 2 CPU cores).
 
@@ -57,6 +58,7 @@ from bench.common import Row, write_results
 from runtime.config import CLASSES, ConfigError, RunConfig, build_config
 from runtime.files import atomic_write_json, open_in_place, read_json
 from runtime.launcher import REPO_ROOT
+from runtime.process import preexec_die_with_parent
 
 SHARED_HAM = Path(os.environ.get("LESION_VQ_SHARED_DATA", Path(REPO_ROOT).parent / "shared" / "data")) / \
     "ham10000-200x150"
@@ -85,15 +87,15 @@ def _judge_overrides(images: Path, csv: Path | None, args: argparse.Namespace) -
 
 
 VARIANTS = {
-    "ema": ("vqvae.quantizer.kind=ema",),
+    # What ham128's tokenizer is measured against (issue 30): FSQ 8-5-5-5 (1,000 codes) for its factorised cosine
+    # codes; its 512 EMA codes looked up as they are, with straight-through gradients; straight-through alone;
+    # three conv stages at 128, 64 and 32 px (0.94 GMAC per image) for its 4x4 patch stem (0.61). `fsq+conv` is
+    # the tokenizer ham128 had before.
+    "fsq": ("vqvae.quantizer.kind=fsq",),
+    "plain": ("vqvae.quantizer.lookup_dim=0", "vqvae.quantizer.rotation_trick=false"),
+    "straight": ("vqvae.quantizer.rotation_trick=false",),
+    "conv": ("vqvae.patch_size=1", "vqvae.channels=[32,64,128]", "vqvae.res_blocks=1"),
     "adversarial": ("vqvae_train.adversarial.enabled=true",),
-    # Factorised codes as LlamaGen/ViT-VQGAN use them (8 dims, l2-normalised, cosine lookup), with EMA updates.
-    "cosine": ("vqvae.quantizer.kind=ema", "vqvae.quantizer.lookup_dim=8"),
-    "rotation": ("vqvae.quantizer.kind=ema", "vqvae.quantizer.rotation_trick=true"),
-    # Nothing at 128 or 64 px: 4x4 patches in, capacity where the image is 32 px and smaller (0.60 GMAC per
-    # image against ham128's 0.94; on CPU about 2x fewer seconds per step, the full-resolution layers' memory
-    # traffic being what MACs leave out).
-    "patch": ("vqvae.patch_size=4", "vqvae.channels=[128]", "vqvae.res_blocks=2"),
 }
 """``--variants``: other tokenizers for ham128, each compared at the same VQ-VAE wall time; ``A+B`` is a variant
 with the overrides of both (a later kind setting of the same kind keeps the earlier settings)."""
@@ -109,7 +111,15 @@ def _variant(name: str) -> str:
     unknown = [part for part in name.split("+") if part not in VARIANTS]
     if unknown or len(set(name.split("+"))) != len(name.split("+")):
         raise argparse.ArgumentTypeError(f"unknown or repeated variant in {name!r}; allowed: "
-                                         f"{', '.join(VARIANTS)}, or several joined by + (e.g. cosine+rotation)")
+                                         f"{', '.join(VARIANTS)}, or several joined by + (e.g. fsq+conv)")
+    paths = ["data.isic_images=/images"]
+    try:
+        varied = build_config("ham128", [*paths, *variant_overrides(name)])
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"variant {name!r} is not a valid ham128 config: {err}") from None
+    if varied == build_config("ham128", paths):
+        raise argparse.ArgumentTypeError(f"variant {name!r} is what ham128 already is: it would train the same "
+                                         "tokenizer again")
     return name
 
 
@@ -223,12 +233,18 @@ def _vqvae_overrides(cfg: RunConfig, seconds: float, step: float, adversarial_st
 def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: int | None,
               *extra: str) -> subprocess.Popen[bytes]:
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # the launcher then uses 1 thread
+
+    def start() -> None:  # in the child: it dies with this process, and runs on one core (then 1 thread)
+        preexec_die_with_parent()
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
     # --until evaluate: the augment stage's classifier trainings, the export and the report compare nothing here.
     argv = [sys.executable, "launch/pipeline.py", "--preset", preset, *overrides, f"run_dir={run_dir}",
             "--until", "evaluate", *extra]
     with open_in_place(log, "ab") as out:
-        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
+        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=start)
 
 
 def _wait(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> None:
@@ -390,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="samples per class on average (ham128's sample.per_class; drawn in the data's class mix)")
     parser.add_argument("--variants", nargs="*", type=_variant, default=[],
                         help=f"also ham128 with these tokenizers, at the same VQ-VAE wall time: {', '.join(VARIANTS)}, "
-                             "or several joined by + (e.g. cosine+rotation)")
+                             "or several joined by + (e.g. fsq+conv)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the comparison's own (e.g. encode.train_views=1: a "
                              "shorter run on a busy machine, each prior then trains on one view per image)")
@@ -438,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     # --until, not --only: on a rerun, what is up to date is kept (--only would make it again).
     made = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1],
                            *vq["ham128"], f"run_dir={root / 'ham128'}", "--until", "classifier"], cwd=REPO_ROOT,
-                          env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
+                          env=os.environ | {"WANDB_MODE": "disabled"}, check=False,
+                          preexec_fn=preexec_die_with_parent)
     if made.returncode != 0:
         sys.exit(f"error: the data and classifier stages failed (exit {made.returncode})")
     cpus = sorted(os.sched_getaffinity(0))
@@ -507,7 +524,8 @@ def _judge_held_out(root: Path, names: list[str], images: Path, csv: Path) -> di
         out = root / f"held-out-{name}.json"
         done = subprocess.run([sys.executable, "-m", "judge.evaluate", "--run-dir", str(root / name), "--images",
                                str(folder), "--csv", str(csv), "--out", str(out)], cwd=REPO_ROOT,
-                              env=os.environ | {"WANDB_MODE": "disabled"}, check=False)
+                              env=os.environ | {"WANDB_MODE": "disabled"}, check=False,
+                          preexec_fn=preexec_die_with_parent)
         if done.returncode != 0:
             sys.exit(f"error: judging {root / name} on the held-out images failed (exit {done.returncode})")
         judged = json.loads(out.read_text())
@@ -557,7 +575,7 @@ def _report(root: Path, names: list[str], reevaluate: bool, images: Path, csv: P
     for name in names if reevaluate else ():
         done = subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(root / name / "config.json"),
                                "--only", "evaluate"], cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": "disabled"},
-                              check=False)
+                              check=False, preexec_fn=preexec_die_with_parent)
         if done.returncode != 0:
             sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
     results = {name: _measure(root, name) for name in names}

@@ -126,12 +126,13 @@ def test_quality_variants_are_valid_runs_at_equal_time() -> None:
     from runtime.config import build_config
 
     args = Namespace(images=Path("/data/images"), csv=Path("/data/meta.csv"), prior_steps=100, classifier_steps=100,
-                     per_class=2, variants=["ema", "adversarial"])
+                     per_class=2, variants=["plain", "adversarial"])
     runs = _run_configs(args)
-    assert {"ham128-ema", "ham128-adversarial"} <= set(runs)
-    ema = build_config(*runs["ham128-ema"])
-    assert ema.vqvae.quantizer.kind == "ema" and ema.vqvae.codebook_size == 512 and ema.prior.arch == "transformer"
-    assert build_config(*runs["ham128"]).vqvae.quantizer.kind == "fsq"
+    assert {"ham128-plain", "ham128-adversarial"} <= set(runs)
+    plain = build_config(*runs["ham128-plain"])
+    assert plain.vqvae.quantizer.kind == "ema" and plain.vqvae.quantizer.lookup_dim == 0
+    assert plain.vqvae.codebook_size == 512 and plain.prior.arch == "transformer"
+    assert build_config(*runs["ham128"]).vqvae.quantizer.lookup_dim == 8
     preset, over = runs["ham128-adversarial"]
     adversarial = build_config(preset, [*over, *_vqvae_overrides(build_config(preset, over), 90.0, 1.0, 2.0)])
     # 90 s at 1 s per plain step and 2 s per step with the critic, which starts half-way: 60 steps, 30 each.

@@ -33,33 +33,55 @@ def _args(variants: list[str]) -> argparse.Namespace:
                               classifier_steps=100, per_class=2, variants=variants)
 
 
-def test_new_tokenizer_options_are_variants_and_combine_with_plus() -> None:
-    runs = _run_configs(_args(["cosine", "rotation", "patch", "cosine+rotation+patch"]))
-    cosine = build_config(*runs["ham128-cosine"]).vqvae
-    assert cosine.quantizer.kind == "ema" and cosine.quantizer.lookup_dim == 8
-    assert not cosine.quantizer.rotation_trick
-    assert build_config(*runs["ham128-rotation"]).vqvae.quantizer.rotation_trick
-    patch = build_config(*runs["ham128-patch"])
-    assert patch.vqvae.quantizer.kind == "fsq" and patch.vqvae.patch_size == 4  # ham128's FSQ, a cheap stem
-    assert patch.data.image_size // patch.downsample_factor == 16  # the same 16x16 grid as ham128
-    both = build_config(*runs["ham128-cosine+rotation+patch"]).vqvae
-    assert (both.quantizer.kind, both.quantizer.lookup_dim, both.quantizer.rotation_trick, both.patch_size) == \
+def test_variants_are_what_ham128_is_measured_against_and_combine_with_plus() -> None:
+    runs = _run_configs(_args(["fsq", "plain", "straight", "conv", "fsq+conv"]))
+    ham = build_config(*runs["ham128"]).vqvae
+    assert (ham.quantizer.kind, ham.quantizer.lookup_dim, ham.quantizer.rotation_trick, ham.patch_size) == \
         ("ema", 8, True, 4)
+    assert build_config(*runs["ham128-fsq"]).vqvae.quantizer.kind == "fsq"
+    plain = build_config(*runs["ham128-plain"]).vqvae.quantizer
+    assert (plain.kind, plain.lookup_dim, plain.rotation_trick, plain.codebook_size) == ("ema", 0, False, 512)
+    assert build_config(*runs["ham128-straight"]).vqvae.quantizer.lookup_dim == 8
+    conv = build_config(*runs["ham128-conv"])
+    assert (conv.vqvae.patch_size, conv.vqvae.channels) == (1, [32, 64, 128])
+    assert conv.data.image_size // conv.downsample_factor == 16  # the same 16x16 grid as ham128
+    before = build_config(*runs["ham128-fsq+conv"]).vqvae  # the tokenizer ham128 had before issue 30
+    assert (before.quantizer.kind, before.patch_size, before.channels, before.res_blocks) == \
+        ("fsq", 1, [32, 64, 128], 1)
 
 
-@pytest.mark.parametrize("bad", ["cosine+nope", "cosine+cosine", "fsq"])
-def test_unknown_or_repeated_variant_is_refused(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="allowed: ema, adversarial, cosine"):
+@pytest.mark.parametrize(("bad", "needle"), [("fsq+nope", "unknown or repeated variant"),
+                                             ("fsq+fsq", "unknown or repeated variant"),
+                                             ("cosine", "unknown or repeated variant"),
+                                             ("fsq+plain", "is not a valid ham128 config"),
+                                             ("plain+straight", None)])
+def test_unknown_repeated_invalid_or_idle_variant_is_refused(bad: str, needle: str | None,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    if needle is None:  # valid, and a real change: accepted
+        assert _variant(bad) == bad
+        return
+    with pytest.raises(argparse.ArgumentTypeError, match=needle):
         _variant(bad)
     with pytest.raises(SystemExit) as stopped:
         main(["--variants", bad])
-    assert stopped.value.code == 2 and "unknown or repeated variant" in capsys.readouterr().err
+    assert stopped.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_variant_that_changes_nothing_is_refused() -> None:
+    from bench import quality
+
+    quality.VARIANTS["again"] = ("vqvae.quantizer.lookup_dim=8",)  # what ham128 already has
+    try:
+        with pytest.raises(argparse.ArgumentTypeError, match="is what ham128 already is"):
+            _variant("again")
+    finally:
+        del quality.VARIANTS["again"]
 
 
 def test_new_variants_are_timed_by_a_real_training_step() -> None:
     """The equal-time budget divides by these seconds: each variant's step runs the stage's own loss on its
     model (here at 32 px, batch 2)."""
-    new = ["cosine", "rotation", "patch", "cosine+rotation+patch"]
+    new = ["fsq", "plain", "conv", "fsq+conv"]
     runs = _run_configs(_args(new))
     steps = {name: _training_step(build_config(runs[f"ham128-{name}"][0], [*runs[f"ham128-{name}"][1],
                                                                            "vqvae_train.batch_size=2",
@@ -82,10 +104,10 @@ def test_code_usage_and_perplexity_of_an_encoded_split(tmp_path: Path) -> None:
 
 def test_rows_carry_perplexity_and_steps_per_second_against_seed() -> None:
     values = {"perplexity": 100.0, "vqvae_steps_per_s": 2.0, "codes_used": 0.5}
-    rows = {r.name: r for r in _rows({"seed": values, "ham128-cosine": values}, "held out: ",
+    rows = {r.name: r for r in _rows({"seed": values, "ham128-fsq": values}, "held out: ",
                                      ("perplexity", "codes_used", "vqvae_steps_per_s"))}
-    assert rows["held out: ham128-cosine: perplexity"].baseline == "held out: seed: perplexity"
-    assert rows["held out: ham128-cosine: vqvae_steps_per_s"].unit == "steps/s"
+    assert rows["held out: ham128-fsq: perplexity"].baseline == "held out: seed: perplexity"
+    assert rows["held out: ham128-fsq: vqvae_steps_per_s"].unit == "steps/s"
 
 
 def test_tokenizer_verdicts_follow_issue_30() -> None:
@@ -93,20 +115,20 @@ def test_tokenizer_verdicts_follow_issue_30() -> None:
             "fd_samples_floor": 1.5}
     good = {"recon_psnr": 25.6, "fd_reconstructions": 0.7, "codes_used": 0.96, "perplexity": 400.0,
             "fd_samples_floor": 1.4}
-    held = {"seed": seed, "ham128": seed | {"recon_psnr": 23.0}, "ham128-gated": good, "ham128-cosine": good,
-            "ham128-patch": good | {"codes_used": 0.94}, "ham128-rotation": good | {"fd_samples_floor": 1.6},
-            "ham128-cosine+patch": good | {"recon_psnr": 25.4}}
+    held = {"seed": seed, "ham128": seed | {"recon_psnr": 23.0}, "ham128-gated": good, "ham128-fsq": good,
+            "ham128-conv": good | {"codes_used": 0.94}, "ham128-plain": good | {"fd_samples_floor": 1.6},
+            "ham128-fsq+conv": good | {"recon_psnr": 25.4}}
     lines = {line.split(" ")[1]: line for line in tokenizer_verdicts(held)}
-    assert set(lines) == {"ham128", "ham128-cosine", "ham128-patch", "ham128-rotation", "ham128-cosine+patch"}
-    assert lines["ham128-cosine"].endswith("MET") and "+1.60 dB PSNR, recon FD x0.70, 96% of codes" in \
-        lines["ham128-cosine"]
-    for name in ("ham128", "ham128-patch", "ham128-rotation", "ham128-cosine+patch"):
+    assert set(lines) == {"ham128", "ham128-fsq", "ham128-conv", "ham128-plain", "ham128-fsq+conv"}
+    assert lines["ham128-fsq"].endswith("MET") and "+1.60 dB PSNR, recon FD x0.70, 96% of codes" in \
+        lines["ham128-fsq"]
+    for name in ("ham128", "ham128-conv", "ham128-plain", "ham128-fsq+conv"):
         assert lines[name].endswith("MISSED"), lines[name]
 
 
 def test_set_overrides_reach_every_run_and_a_bad_one_is_one_line(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    runs = with_overrides(_run_configs(_args(["cosine"])), ["encode.train_views=1"])
+    runs = with_overrides(_run_configs(_args(["fsq"])), ["encode.train_views=1"])
     assert all(build_config(*run).encode.train_views == 1 for run in runs.values())
     (tmp_path / "images").mkdir()
     (tmp_path / "meta.csv").write_text("lesion_id,image_id,dx\n")
@@ -136,7 +158,8 @@ def test_a_rerun_on_the_same_root_keeps_the_recorded_timing(tmp_path: Path, caps
     assert calls == []
 
 
-@pytest.mark.parametrize("text", ['{"seed": -1}', '{"seed": "fast"}', "[1, 2]", "{not json", '{"seed": NaN}', '{"seed": true}'])
+@pytest.mark.parametrize("text", ['{"seed": -1}', '{"seed": "fast"}', "[1, 2]", "{not json", '{"seed": NaN}',
+                                  '{"seed": true}'])
 def test_a_damaged_timing_record_is_one_line(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "timing.json").write_text(text)
     with pytest.raises(SystemExit) as exit_info:

@@ -148,7 +148,9 @@ def test_patch_stem_runs_nothing_at_full_resolution_and_round_trips_codes(patch:
 
 def test_patch_stem_is_cheaper_and_patch_size_1_keeps_the_layers_of_older_weights() -> None:
     # ham128's VQ-VAE as it was before patch_size existed (76 tensors, the last conv at decoder.12): its weights load.
-    before = build_vqvae(build_config("ham128", ["data.isic_images=/images"]).vqvae)
+    before = build_vqvae(build_config("ham128", ["data.isic_images=/images", "vqvae.quantizer.kind=fsq",
+                                                 "vqvae.patch_size=1", "vqvae.channels=[32,64,128]",
+                                                 "vqvae.res_blocks=1"]).vqvae)
     keys = [key for key in before.state_dict() if key.startswith("decoder.")]
     assert count_parameters(before) == 1_143_559 and len(before.state_dict()) == 76
     assert keys[-2:] == ["decoder.12.weight", "decoder.12.bias"]

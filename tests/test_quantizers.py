@@ -341,7 +341,10 @@ def test_presets_keep_their_quantizers() -> None:
     assert build_config("smoke").vqvae.quantizer == EMAQuantizerConfig(codebook_size=128, decay=0.95)
     assert build_config("seed").vqvae.quantizer == LossQuantizerConfig(codebook_size=512, commitment=0.25,
                                                                       kmeans_init=False)
-    assert build_config("improved").vqvae.quantizer == EMAQuantizerConfig(codebook_size=512, decay=0.99)
+    # Issue 30: the two presets of a 16x16 grid of 512 EMA codes look them up as factorised cosine codes.
+    cosine = EMAQuantizerConfig(codebook_size=512, decay=0.99, lookup_dim=8, rotation_trick=True)
+    assert build_config("improved").vqvae.quantizer == cosine
+    assert build_config("ham128", ["data.isic_images=/images"]).vqvae.quantizer == cosine
     assert build_config("seed").vqvae.code_dim == 64 and build_config("smoke").vqvae.code_dim == 32
 
 
