@@ -193,6 +193,12 @@ SLURM_MODULES = frozenset({"tests/test_cluster.py", "tests/test_job_scripts.py",
 two never compete for the cluster's two nodes. A ``slurm`` test elsewhere fails collection."""
 
 
+def scope_of(nodeid: str) -> str:
+    """The xdist scope of a test: its module, or ``slurm`` for every module of :data:`SLURM_MODULES`."""
+    module = nodeid.split("::")[0]
+    return "slurm" if module in SLURM_MODULES else module
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     strays = sorted({item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slurm")} - SLURM_MODULES)
     if strays:
@@ -200,13 +206,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                 "tests/conftest.py (its Slurm tests must not run beside the others)")
     # The Slurm tests first (a stable sort: every module stays in one piece, in its order): under xdist they are
     # the longest scope, and it should not be the last to start.
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SLURM_MODULES)
+    items.sort(key=lambda item: scope_of(item.nodeid) != "slurm")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``-n N --dist loadfile`` (scripts/test.sh): a module's tests on one worker, so its module fixtures are made
-    once, and the modules of :data:`SLURM_MODULES` as one scope. (pytest-xdist's ``loadgroup`` no longer reads
-    its groups under pytest 9.2, which keeps node ids elsewhere.)"""
+    once, and the modules of :data:`SLURM_MODULES` as one scope (:func:`scope_of`). (pytest-xdist's ``loadgroup``
+    no longer reads its groups under pytest 9.2, which keeps node ids elsewhere.)"""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -215,7 +221,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class ModuleScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = super()._split_scope(nodeid)
-            return "slurm" if module in SLURM_MODULES else module
+            return scope_of(nodeid)
 
     return ModuleScheduling(config, log)
