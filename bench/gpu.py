@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.common import default_out, device, machine, synchronize
-from runtime.files import atomic_write_json, atomic_write_text
+from runtime.files import atomic_write_json, atomic_write_text, open_in_place
 from runtime.launcher import REPO_ROOT
 
 COMMON = ("section", "name", "status", "error", "traceback", "seconds")
@@ -343,8 +343,8 @@ def run_job(job: str, work: Work, rows_file: Path) -> None:
             with attempt(row["section"], problems):
                 measure[row["section"]](plan, work, row)
         finish(row, problems, time.perf_counter() - start)
-        with open(rows_file, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with open_in_place(rows_file, "ab") as fh:
+            fh.write((json.dumps(row) + "\n").encode())
 
 
 def finish(row: dict[str, Any], problems: list[str], seconds: float) -> None:
@@ -395,7 +395,7 @@ def _run_smoke(plan: Plan, root: Path, timeout: float, row: dict[str, Any]) -> N
     command = [sys.executable, "launch/pipeline.py", "--preset", "smoke", "--until", plan.smoke_until,
                f"run_dir={root / 'smoke'}", "wandb=disabled", *plan.smoke]
     try:
-        with open(log, "w") as out:
+        with open_in_place(log, "ab") as out:
             row["rc"] = subprocess.run(command, cwd=REPO_ROOT, env=_child_env(), stdout=out, stderr=subprocess.STDOUT,
                                        timeout=timeout, check=False).returncode
     except subprocess.TimeoutExpired:
@@ -434,7 +434,7 @@ def run_jobs(plan: Plan, root: Path, deadline: float, prepared: str) -> list[dic
         rows_file, log = root / f"{job}.jsonl", root / "logs" / f"{job}.log"
         command = [sys.executable, "-m", "bench", "gpu", "--job", job, "--work", str(root), "--deadline", str(deadline)]
         why = ""
-        with open(log, "w") as err:
+        with open_in_place(log, "ab") as err:
             try:
                 rc = subprocess.run(command, cwd=REPO_ROOT, env=_child_env(), stderr=err, check=False,
                                     timeout=max(60.0, deadline - time.time() + 60)).returncode
