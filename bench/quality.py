@@ -191,9 +191,9 @@ def timed_steps(root: Path, steps: dict[str, Callable[[], None]]) -> dict[str, f
     missing = {name: step for name, step in steps.items() if name not in recorded}
     if recorded:
         print(f"VQ-VAE timing of {', '.join(sorted(set(steps) & set(recorded)))} from {path}", flush=True)
-    measured = _step_seconds(missing) if missing else {}
-    atomic_write_json(path, recorded | measured)
-    return {name: (recorded | measured)[name] for name in steps}
+    known = recorded | (_step_seconds(missing) if missing else {})
+    atomic_write_json(path, known)
+    return {name: known[name] for name in steps}
 
 
 def _run_configs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
@@ -245,6 +245,12 @@ def _pipeline(run_dir: Path, preset: str, overrides: list[str], log: Path, cpu: 
     with open_in_place(log, "ab") as out:
         return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=start)
+
+
+def _run_child(*args: str) -> int:
+    """``python ARGS...`` in the repository, wandb off, dying with this process; its exit status."""
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": "disabled"},
+                          check=False, preexec_fn=preexec_die_with_parent).returncode
 
 
 def _wait(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> None:
@@ -452,12 +458,10 @@ def main(argv: list[str] | None = None) -> None:
     # One packed data set and one judge for every run, made first with all cores (their data and classifier
     # sections are the same, so are their identities) and linked into the other runs.
     # --until, not --only: on a rerun, what is up to date is kept (--only would make it again).
-    made = subprocess.run([sys.executable, "launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1],
-                           *vq["ham128"], f"run_dir={root / 'ham128'}", "--until", "classifier"], cwd=REPO_ROOT,
-                          env=os.environ | {"WANDB_MODE": "disabled"}, check=False,
-                          preexec_fn=preexec_die_with_parent)
-    if made.returncode != 0:
-        sys.exit(f"error: the data and classifier stages failed (exit {made.returncode})")
+    made = _run_child("launch/pipeline.py", "--preset", "ham128", *runs["ham128"][1], *vq["ham128"],
+                      f"run_dir={root / 'ham128'}", "--until", "classifier")
+    if made != 0:
+        sys.exit(f"error: the data and classifier stages failed (exit {made})")
     cpus = sorted(os.sched_getaffinity(0))
     (root / "seed").mkdir(exist_ok=True)
     for folder in ("data", "classifier"):
@@ -522,12 +526,10 @@ def _judge_held_out(root: Path, names: list[str], images: Path, csv: Path) -> di
     results = {}
     for name in names:
         out = root / f"held-out-{name}.json"
-        done = subprocess.run([sys.executable, "-m", "judge.evaluate", "--run-dir", str(root / name), "--images",
-                               str(folder), "--csv", str(csv), "--out", str(out)], cwd=REPO_ROOT,
-                              env=os.environ | {"WANDB_MODE": "disabled"}, check=False,
-                          preexec_fn=preexec_die_with_parent)
-        if done.returncode != 0:
-            sys.exit(f"error: judging {root / name} on the held-out images failed (exit {done.returncode})")
+        done = _run_child("-m", "judge.evaluate", "--run-dir", str(root / name), "--images", str(folder), "--csv",
+                          str(csv), "--out", str(out))
+        if done != 0:
+            sys.exit(f"error: judging {root / name} on the held-out images failed (exit {done})")
         judged = json.loads(out.read_text())
         codebook_size = load_config(root / name / "config.json").vqvae.codebook_size
         results[name] = {"images_judged": float(judged["images_judged"]),
@@ -573,11 +575,9 @@ def _report(root: Path, names: list[str], reevaluate: bool, images: Path, csv: P
     """Measure the finished runs under ``root``, on the validation split and on the held-out test split;
     ``reevaluate``: first re-run their evaluate stage (a changed judge or metric), which trains nothing."""
     for name in names if reevaluate else ():
-        done = subprocess.run([sys.executable, "launch/pipeline.py", "--config", str(root / name / "config.json"),
-                               "--only", "evaluate"], cwd=REPO_ROOT, env=os.environ | {"WANDB_MODE": "disabled"},
-                              check=False, preexec_fn=preexec_die_with_parent)
-        if done.returncode != 0:
-            sys.exit(f"error: evaluating {root / name} failed (exit {done.returncode})")
+        done = _run_child("launch/pipeline.py", "--config", str(root / name / "config.json"), "--only", "evaluate")
+        if done != 0:
+            sys.exit(f"error: evaluating {root / name} failed (exit {done})")
     results = {name: _measure(root, name) for name in names}
     held = _judge_held_out(root, names, images, csv)
     _grids(root, [name for name in names if _is_variant(name)])

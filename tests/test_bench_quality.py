@@ -67,15 +67,12 @@ def test_unknown_repeated_invalid_or_idle_variant_is_refused(bad: str, needle: s
     assert stopped.value.code == 2 and needle in capsys.readouterr().err
 
 
-def test_a_variant_that_changes_nothing_is_refused() -> None:
+def test_a_variant_that_changes_nothing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import quality
 
-    quality.VARIANTS["again"] = ("vqvae.quantizer.lookup_dim=8",)  # what ham128 already has
-    try:
-        with pytest.raises(argparse.ArgumentTypeError, match="is what ham128 already is"):
-            _variant("again")
-    finally:
-        del quality.VARIANTS["again"]
+    monkeypatch.setitem(quality.VARIANTS, "again", ("vqvae.quantizer.lookup_dim=8",))  # what ham128 already has
+    with pytest.raises(argparse.ArgumentTypeError, match="is what ham128 already is"):
+        _variant("again")
 
 
 def test_new_variants_are_timed_by_a_real_training_step() -> None:
